@@ -1,0 +1,3 @@
+from .convert import convert_pt2e
+
+__all__ = ["convert_pt2e"]

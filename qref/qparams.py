@@ -1,0 +1,201 @@
+"""Quantization parameters from recorded observer statistics.
+
+qref never calls an observer's ``calculate_qparams``: it reads the statistics the
+observer recorded (min/max, histogram, fixed scale) and derives scale and zero
+point here. The float32 arithmetic follows the observers' own formulas step by
+step, because the converters under comparison must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from typing import NamedTuple
+
+import torch
+
+_SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+_PER_CHANNEL = (
+    torch.per_channel_affine,
+    torch.per_channel_symmetric,
+    torch.per_channel_affine_float_qparams,
+)
+
+
+class QParams(NamedTuple):
+    """Scale and zero point (1-D tensors) plus how to apply them."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    quant_min: int
+    quant_max: int
+    dtype: torch.dtype  # the plain integer dtype, e.g. torch.uint8
+    axis: int | None  # None for per-tensor
+
+
+def is_per_channel(qscheme) -> bool:
+    return qscheme in _PER_CHANNEL
+
+
+def _recorded(min_val: torch.Tensor, max_val: torch.Tensor) -> bool:
+    """False when the observer never saw data (qparams then default to 1.0 / 0)."""
+    if min_val.numel() == 0 or max_val.numel() == 0:
+        return False
+    if min_val.dim() == 0 and min_val == float("inf") and max_val == float("-inf"):
+        return False
+    if not bool(torch.all(min_val <= max_val)):
+        raise ValueError(
+            f"observer recorded min {min_val} > max {max_val}; its statistics are corrupt "
+            "(re-run calibration)"
+        )
+    return True
+
+
+def from_min_max(
+    min_val: torch.Tensor,
+    max_val: torch.Tensor,
+    *,
+    qscheme,
+    dtype: torch.dtype,
+    quant_min: int,
+    quant_max: int,
+    eps: torch.Tensor,
+    has_customized_qrange: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine or symmetric qparams covering [min(min_val, 0), max(max_val, 0)]."""
+    if not _recorded(min_val, max_val):
+        warnings.warn("observer has no statistics (never calibrated); using scale 1.0, zero point 0")
+        return torch.tensor([1.0]), torch.tensor([0])
+    zero = torch.zeros_like(min_val)
+    lo = torch.min(min_val, zero)
+    hi = torch.max(max_val, zero)
+    if qscheme in _SYMMETRIC:
+        bound = torch.max(-lo, hi)
+        scale = torch.max(bound / (float(quant_max - quant_min) / 2), eps)
+        # uint symmetric centres the range; signed types keep zero point 0.
+        if dtype in (torch.quint8, torch.uint8):
+            zp = (quant_min + quant_max) // 2 if has_customized_qrange else 128
+        elif dtype == torch.uint16:
+            zp = 2**15
+        else:
+            zp = 0
+        zero_point = torch.full(lo.size(), zp, dtype=torch.int64)
+    elif qscheme == torch.per_channel_affine_float_qparams:
+        scale = (max_val - min_val) / float(quant_max - quant_min)
+        scale = torch.where(scale > eps, scale, torch.ones_like(scale))
+        zero_point = -1 * min_val / scale
+    else:
+        scale = torch.max((hi - lo) / float(quant_max - quant_min), eps)
+        zero_point = quant_min - torch.round(lo / scale).to(torch.int)
+        zero_point = torch.clamp(zero_point, quant_min, quant_max)
+    if scale.dim() == 0:
+        scale = scale.reshape(1)
+    if zero_point.dim() == 0:
+        zero_point = zero_point.reshape(1)
+    return scale, zero_point
+
+
+# ---------------------------------------------------------------------------
+# Histogram search (the L2-minimising range used by HistogramObserver).
+# The walk over quantiles is plain Python arithmetic on floats; only the norm
+# of a candidate range is a (vectorised) float32 tensor computation. That keeps
+# the result identical to the observer's while avoiding one tensor op per step.
+
+_STEP = 1e-5
+
+
+def _f32(x: float) -> float:
+    """Round a Python float to the nearest float32, as torch does for a scalar operand."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _lt_f32(a: float, b: float) -> bool:
+    """``a < float32(b)`` for a float32-representable ``a``; cheap unless a and b are close."""
+    if abs(a - b) > 3e-7 * abs(b) + 1e-38:
+        return a < b
+    return a < _f32(b)
+
+
+def _gt_f32(a: float, b: float) -> bool:
+    if abs(a - b) > 3e-7 * abs(b) + 1e-38:
+        return a > b
+    return a > _f32(b)
+
+
+class _RangeNorm:
+    """L2 quantization error of mapping the histogram onto ``dst_bins`` uniform bins."""
+
+    def __init__(self, histogram: torch.Tensor, min_val: float, max_val: float, dst_bins: int):
+        self.bins = histogram.numel()
+        self.dst_bins = dst_bins
+        self.bin_width = (max_val - min_val) / self.bins
+        self.src = torch.arange(self.bins)
+        self.density = histogram / self.bin_width
+
+    @staticmethod
+    def _cube_integral(begin, end, density):
+        return density * ((end * end * end - begin * begin * begin) / 3)
+
+    def __call__(self, start: int, end: int) -> float:
+        width = self.bin_width
+        dst_width = width * (end - start + 1) / self.dst_bins
+        if dst_width == 0.0:
+            return 0.0
+        last = self.dst_bins - 1
+        begin = (self.src - start) * width
+        finish = begin + width
+        dst_of_begin = torch.clamp(torch.div(begin, dst_width, rounding_mode="floor"), 0, last)
+        dst_of_end = torch.clamp(torch.div(finish, dst_width, rounding_mode="floor"), 0, last)
+        half = dst_width / 2
+        # error of the part of each source bin inside its first destination bin,
+        norm = torch.zeros(self.bins)
+        norm += self._cube_integral(
+            begin - (dst_of_begin + 0.5) * dst_width, torch.ones(self.bins) * half, self.density
+        )
+        # of the destination bins it covers entirely,
+        norm += (dst_of_end - dst_of_begin - 1) * self._cube_integral(
+            torch.tensor(-half), torch.tensor(half), self.density
+        )
+        # and of the part inside its last destination bin.
+        norm += self._cube_integral(
+            torch.tensor(-half), finish - (dst_of_end * dst_width + half), self.density
+        )
+        return norm.sum().item()
+
+
+def histogram_range(
+    histogram: torch.Tensor, min_val: torch.Tensor, max_val: torch.Tensor, dst_bins: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [min, max] that a greedy quantile walk finds to minimise L2 quantization error."""
+    bins = histogram.numel()
+    csum = torch.cumsum(histogram, dim=0).tolist()
+    total = torch.sum(histogram).item()
+    norm_of = _RangeNorm(histogram, min_val.item(), max_val.item(), dst_bins)
+
+    alpha, beta = 0.0, 1.0
+    start, end = 0, bins - 1
+    best = float("inf")
+    while alpha < beta:
+        next_alpha = alpha + _STEP
+        next_beta = beta - _STEP
+        lo_bound = next_alpha * total
+        hi_bound = next_beta * total
+        left, right = start, end
+        while left < end and _lt_f32(csum[left], lo_bound):
+            left += 1
+        while right > start and _gt_f32(csum[right], hi_bound):
+            right -= 1
+        new_start, new_end = start, end
+        if left - start > end - right:
+            new_start, alpha = left, next_alpha
+        else:
+            new_end, beta = right, next_beta
+        if (new_start, new_end) == (start, end):
+            continue
+        norm = norm_of(new_start, new_end)
+        if norm > best:
+            break
+        best, start, end = norm, new_start, new_end
+
+    bin_width = (max_val - min_val) / bins
+    return min_val + bin_width * start, min_val + bin_width * (end + 1)
