@@ -40,7 +40,7 @@ def convert_pt2e(
     )
     validate.check_model(model)
     original_meta = dict(model.meta)
-    model = copy.deepcopy(model)
+    prepared, model = model, _graph_copy(model)
 
     model = replace_observers(model)
     model = fold_qat_conv_bn(model)
@@ -54,4 +54,41 @@ def convert_pt2e(
         model = to_reference_representation(model)
 
     model.meta.update(original_meta)
+    _remove_unused(model)
+    _unshare_tensors(model, prepared)
+    model.recompile()  # once: the passes above only edit the graph
     return validate.disallow_train_eval(model)
+
+
+def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of the graph; tensors are shared until _unshare_tensors.
+
+    Deep-copying the module would also copy every node's metadata (fake tensors
+    included), which costs more than the whole conversion.
+    """
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+
+
+def _remove_unused(gm: fx.GraphModule) -> None:
+    """Dead nodes, then the attributes and submodules (observers) nothing reads any more."""
+    graph = gm.graph
+    graph.eliminate_dead_code()
+    for node in list(graph.find_nodes(op="get_attr")):
+        if not node.users:
+            if hasattr(gm, node.target):  # top-level attributes only, like torchao
+                delattr(gm, node.target)
+            graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+
+
+def _unshare_tensors(converted: fx.GraphModule, prepared: fx.GraphModule) -> None:
+    """Give the result its own copy of every tensor it still shares with the prepared model."""
+    shared = {id(t) for t in prepared.state_dict(keep_vars=True).values()}
+    for module in converted.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and id(tensor) in shared:
+                    clone = tensor.detach().clone()
+                    store[name] = torch.nn.Parameter(clone, tensor.requires_grad) if isinstance(
+                        tensor, torch.nn.Parameter
+                    ) else clone

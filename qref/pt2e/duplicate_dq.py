@@ -33,6 +33,6 @@ def duplicate_dequantize(gm: fx.GraphModule) -> fx.GraphModule:
             with graph.inserting_after(dq):
                 copy = graph.node_copy(dq)
             user.replace_input_with(dq, copy)
-    graph.eliminate_dead_code()
-    gm.recompile()
+        if not dq.users:
+            graph.erase_node(dq)
     return gm

@@ -76,20 +76,4 @@ def fold_quantized_weights(gm: fx.GraphModule) -> fx.GraphModule:
         graph.erase_node(node)
         attr.name = node.name
     gm._frozen_param_count = count
-    _drop_unused_attributes(gm)
-    graph.eliminate_dead_code()
-    graph.lint()
-    gm.recompile()
     return gm
-
-
-def _drop_unused_attributes(gm: fx.GraphModule) -> None:
-    graph = gm.graph
-    # Dead pure ops first, so that the attributes only they read become unused.
-    graph.eliminate_dead_code()
-    for node in list(graph.find_nodes(op="get_attr")):
-        if node.users:
-            continue
-        if hasattr(gm, node.target):  # top-level attributes only, like torchao
-            delattr(gm, node.target)
-        graph.erase_node(node)

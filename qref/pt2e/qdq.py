@@ -96,6 +96,4 @@ def replace_observers(gm: fx.GraphModule) -> fx.GraphModule:
                 replacement = source
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
-    gm.delete_all_unused_submodules()
-    gm.recompile()
     return gm
