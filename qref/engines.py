@@ -1,0 +1,123 @@
+"""Which quantized engines really run here, running code under one, and their known contracts."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["engines", "use_engine", "KERNEL_CONTRACTS", "KernelContract", "known_deviation", "has_vnni"]
+
+
+def _runs(engine: str) -> bool:
+    """A quantized linear and conv2d actually execute under ``engine``."""
+    import torch.ao.nn.quantized as nnq
+
+    previous = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = engine
+        x = torch.quantize_per_tensor(torch.rand(1, 2, 5, 5), 0.1, 0, torch.quint8)
+        nnq.Conv2d(2, 2, 3)(x)
+        nnq.Linear(5, 3)(x)
+        return True
+    except Exception:  # an engine listed but not built/usable here
+        return False
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+@functools.lru_cache(maxsize=None)
+def _probe() -> tuple[str, ...]:
+    return tuple(e for e in torch.backends.quantized.supported_engines if e != "none" and _runs(e))
+
+
+def engines() -> list[str]:
+    """The quantized engines that run a quantized linear and conv on this machine (probed once)."""
+    return list(_probe())
+
+
+@contextlib.contextmanager
+def use_engine(name: str, threads: int | None = None):
+    """Run the block under quantized engine ``name`` (and ``threads`` intra-op threads, if given).
+
+    The previous engine and thread count are restored on exit, also on error.
+    """
+    available = engines()
+    if name not in available:
+        raise ValueError(
+            f"quantized engine {name!r} does not run here; available: {', '.join(available)}"
+        )
+    previous_engine, previous_threads = torch.backends.quantized.engine, torch.get_num_threads()
+    torch.backends.quantized.engine = name
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield name
+    finally:
+        torch.backends.quantized.engine = previous_engine
+        torch.set_num_threads(previous_threads)
+
+
+def has_vnni() -> bool:
+    """The CPU has VNNI (u8 x s8 dot products in int32); without it onednn pairs in int16."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "vnni" in f.read()
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class KernelContract:
+    """What a lowered model promises against the reference model on an engine."""
+
+    max_lsb: int  # off-by-one from rounding order (requantize vs. float round trip)
+    seven_bit_activations: bool  # u8 inputs must stay <= 127: u8 x s8 pair sums are int16
+    deterministic_threads: int | None  # None: deterministic at any thread count
+    note: str
+
+
+INT16_PAIRS = (
+    "{engine} saturates int16 intermediates in u8 x s8 pairwise products (pytorch#44939): "
+    "quantized activations above 127 (no reduce_range, or inputs beyond the calibrated range, "
+    "which quantize_per_tensor does not clamp to the observer's 0..127) leave the 1-LSB contract"
+)
+ONEDNN_THREADS = (
+    "onednn lowered models are nondeterministic with more than one thread (reduction order); "
+    "pin torch.set_num_threads(1) for bit-exact comparisons"
+)
+
+KERNEL_CONTRACTS = {
+    "fbgemm": KernelContract(1, True, None, INT16_PAIRS.format(engine="fbgemm")),
+    "x86": KernelContract(1, True, None, INT16_PAIRS.format(engine="x86 (fbgemm/onednn)")),
+    "qnnpack": KernelContract(1, False, None, "qnnpack accumulates in int32; within 1 LSB"),
+    "onednn": KernelContract(1, not has_vnni(), 1, ONEDNN_THREADS),
+}
+
+
+def known_deviation(
+    engine: str,
+    reduce_range: bool,
+    dtype=torch.quint8,
+    threads: int | None = None,
+    input_max: int | None = None,
+) -> str | None:
+    """Why a lowered model on ``engine`` may leave the 1-LSB contract, or None if it should hold.
+
+    ``reduce_range``: that of the 8-bit activation observers; ``input_max``: the largest
+    quantized input value seen, if known; ``threads``: the intra-op thread count the model
+    runs with (default: the current one).
+    """
+    contract = KERNEL_CONTRACTS.get(engine)
+    if contract is None:
+        return None
+    too_wide = not reduce_range or (input_max is not None and input_max > 127)
+    if contract.seven_bit_activations and dtype in (torch.quint8, torch.uint8) and too_wide:
+        cause = INT16_PAIRS.format(engine=engine)
+        return cause if engine != "onednn" else cause + " (this CPU has no VNNI)"
+    threads = torch.get_num_threads() if threads is None else threads
+    if contract.deterministic_threads is not None and threads > contract.deterministic_threads:
+        return ONEDNN_THREADS
+    return None

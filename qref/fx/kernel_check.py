@@ -1,0 +1,76 @@
+"""Lowered quantized modules vs. their reference modules, in integer steps of the output scale.
+
+Each weighted module is checked on its own: it gets exactly the quantized input
+its reference module saw inside the reference model, so errors do not compound
+across layers and the kernel's own contract (<= 1 LSB) is what is measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .lower import is_dequantize, is_quantize
+
+
+@dataclass(frozen=True)
+class LayerError:
+    name: str
+    kind: str  # the lowered module's class name
+    max_lsb: int  # largest |lowered - reference| in output steps
+    off_fraction: float  # fraction of output elements that differ at all
+    elements: int
+    input_max: int  # largest quantized input value fed to the module
+
+
+def _input_qparams(reference: fx.GraphModule, target: str):
+    """(scale, zero point, dtype) of the quantize feeding ``target`` in the reference graph."""
+    for node in reference.graph.nodes:
+        if node.op == "call_module" and node.target == target and node.args and is_dequantize(node.args[0]):
+            q = node.args[0].args[0]
+            if is_quantize(q):
+                _, scale, zero_point, dtype = q.args
+                return getattr(reference, scale.target), getattr(reference, zero_point.target), dtype
+    return None
+
+
+def layer_errors(reference: fx.GraphModule, lowered: fx.GraphModule, inputs: list[tuple]) -> list[LayerError]:
+    """Per lowered static module: max LSB and fraction of differing outputs over ``inputs``."""
+    targets = {}
+    for name, module in lowered.named_modules():
+        if hasattr(module, "scale") and hasattr(module, "zero_point") and hasattr(module, "weight"):
+            qparams = _input_qparams(reference, name)
+            if qparams is not None:
+                targets[name] = (module, qparams)
+    seen = {name: [] for name in targets}
+    hooks = [
+        reference.get_submodule(name).register_forward_hook(
+            lambda mod, args, out, name=name: seen[name].append((args[0].detach(), out.detach()))
+        )
+        for name in targets
+    ]
+    try:
+        with torch.no_grad():
+            for batch in inputs:
+                reference(*batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    results = []
+    for name, (module, (in_scale, in_zp, in_dtype)) in targets.items():
+        worst, differing, total, input_max = 0, 0, 0, 0
+        for x, ref_out in seen[name]:
+            qx = torch.quantize_per_tensor(x, in_scale, in_zp, in_dtype)
+            input_max = max(input_max, int(qx.int_repr().max()))
+            with torch.no_grad():
+                out = module(qx)
+            want = torch.quantize_per_tensor(ref_out, module.scale, module.zero_point, out.dtype)
+            diff = (out.int_repr().to(torch.int64) - want.int_repr().to(torch.int64)).abs()
+            worst = max(worst, int(diff.max()))
+            differing += int((diff > 0).sum())
+            total += diff.numel()
+        results.append(LayerError(name, type(module).__name__, worst, differing / max(total, 1), total, input_max))
+    return results
+

@@ -1,0 +1,311 @@
+"""Reference quantized model -> the native quantized modules and ops (fbgemm, qnnpack, x86, onednn).
+
+The engines share one set of quantized operators, so one lowering serves all.
+Each pass rewrites one reference pattern; anything that matches no pattern
+stays in reference form (float op between dequantize and quantize), which is
+correct, only slower:
+
+  dq -> reference module [-> relu] -> q  quantized module (Linear, Conv, fused +ReLU)
+  dq, dq -> fused conv+add module -> q    quantized ConvAdd(ReLU)2d (onednn config)
+  dynamic q -> dq -> reference Linear      dynamic quantized Linear
+  reference Embedding(Bag)                 weight-only quantized Embedding(Bag)
+  dq, dq -> add/mul/matmul [-> relu] -> q  quantized::add(_relu)/mul(_relu)/matmul
+  dq -> pool/relu/shape op/cat -> q        the same op on quantized tensors
+  dq -> sigmoid/tanh/hardsigmoid -> q      fixed-qparams quantized op
+  dq -> ConvTranspose/BN/ELU/... -> q      quantized module or quantized:: op with output qparams
+A node whose qconfig is None is never lowered.
+Not lowered (left in reference form): functional F.linear/F.conv* with weights as graph inputs.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.ao.nn.intrinsic as nni
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.intrinsic.quantized.dynamic as nniqd
+import torch.ao.nn.quantized as nnq
+import torch.ao.nn.quantized.dynamic as nnqd
+import torch.ao.nn.quantized.reference as nnqr
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.ao.quantization.quantization_mappings import get_quantized_operator
+
+from .weighted import set_module
+
+STATIC = {nnqr.Linear: nnq.Linear, nnqr.Conv1d: nnq.Conv1d, nnqr.Conv2d: nnq.Conv2d, nnqr.Conv3d: nnq.Conv3d}
+# fused float module -> (the reference module it must hold, the quantized module)
+STATIC_FUSED = {
+    nni.LinearReLU: (nnqr.Linear, nniq.LinearReLU),
+    nni.LinearLeakyReLU: (nnqr.Linear, nniq.LinearLeakyReLU),
+    nni.LinearTanh: (nnqr.Linear, nniq.LinearTanh),
+    nni.ConvReLU1d: (nnqr.Conv1d, nniq.ConvReLU1d),
+    nni.ConvReLU2d: (nnqr.Conv2d, nniq.ConvReLU2d),
+    nni.ConvReLU3d: (nnqr.Conv3d, nniq.ConvReLU3d),
+}
+TWO_INPUT_FUSED = {
+    nni.ConvAdd2d: (nnqr.Conv2d, nniq.ConvAdd2d),
+    nni.ConvAddReLU2d: (nnqr.Conv2d, nniq.ConvAddReLU2d),
+}
+DYNAMIC = {nnqr.Linear: nnqd.Linear}
+DYNAMIC_FUSED = {nni.LinearReLU: (nnqr.Linear, nniqd.LinearReLU)}
+WEIGHT_ONLY = {nnqr.Embedding: nnq.Embedding, nnqr.EmbeddingBag: nnq.EmbeddingBag}
+
+BINARY = {operator.add: torch.ops.quantized.add, torch.add: torch.ops.quantized.add,
+          operator.mul: torch.ops.quantized.mul, torch.mul: torch.ops.quantized.mul,
+          torch.matmul: torch.ops.quantized.matmul}  # fmt: skip
+BINARY_RELU = {operator.add: torch.ops.quantized.add_relu, torch.add: torch.ops.quantized.add_relu,
+               operator.mul: torch.ops.quantized.mul_relu, torch.mul: torch.ops.quantized.mul_relu}  # fmt: skip
+RELU_FUNCTIONS = (F.relu, torch.relu)
+
+# Ops that run on quantized tensors as they are. (functions, method names, module classes)
+FIXED_QPARAMS = (
+    {F.hardsigmoid, F.sigmoid, torch.sigmoid, torch.tanh},
+    {"hardsigmoid", "hardsigmoid_", "sigmoid", "sigmoid_", "tanh", "tanh_"},
+    {nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softmax},
+)
+# Ops with a quantized counterpart that needs the output qparams.
+NEEDS_QPARAMS = (
+    {F.elu, F.hardswish, F.instance_norm, F.layer_norm, F.leaky_relu, F.dropout},
+    set(),
+    {nnqr.ConvTranspose1d, nnqr.ConvTranspose2d, nnqr.ConvTranspose3d, nn.ELU, nn.LeakyReLU,
+     nn.Hardswish, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm,
+     nn.Dropout, nn.PReLU, nn.BatchNorm2d, nn.BatchNorm3d, nni.BNReLU2d, nni.BNReLU3d},
+)  # fmt: skip
+# Ops whose output qparams equal their input's (pooling, relu, clamp, reshaping, cat).
+PASSTHROUGH = (
+    {torch.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.hardtanh,
+     F.hardtanh_, F.interpolate, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.relu, F.relu6,
+     torch.avg_pool1d, torch._C._nn.avg_pool2d, torch._C._nn.avg_pool3d, torch.clamp,
+     torch.flatten, torch.mean, operator.floordiv, torch.channel_shuffle,
+     torch.narrow, torch.transpose, torch.repeat_interleave, torch.squeeze, torch.stack,
+     torch.unsqueeze, F.pixel_shuffle, F.pixel_unshuffle, torch.cat},
+    {"clamp", "mean", "relu", "relu_", "contiguous", "detach", "detach_", "permute", "repeat",
+     "repeat_interleave", "reshape", "resize_", "shape", "size", "squeeze", "squeeze_",
+     "transpose", "unsqueeze", "unsqueeze_", "view"},
+    {nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool1d,
+     nn.AvgPool2d, nn.AvgPool3d, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+     nn.ReLU, nn.ReLU6, nn.ChannelShuffle, nn.Identity, nn.PixelShuffle, nn.PixelUnshuffle},
+)  # fmt: skip
+SPECIAL_MODULES = {
+    nn.BatchNorm2d: nnq.BatchNorm2d, nn.BatchNorm3d: nnq.BatchNorm3d,
+    nnqr.ConvTranspose1d: nnq.ConvTranspose1d, nnqr.ConvTranspose2d: nnq.ConvTranspose2d,
+    nnqr.ConvTranspose3d: nnq.ConvTranspose3d, nn.ELU: nnq.ELU, nn.LeakyReLU: nnq.LeakyReLU,
+    nn.Hardswish: nnq.Hardswish, nn.InstanceNorm1d: nnq.InstanceNorm1d,
+    nn.InstanceNorm2d: nnq.InstanceNorm2d, nn.InstanceNorm3d: nnq.InstanceNorm3d,
+    nn.LayerNorm: nnq.LayerNorm, nn.Dropout: nnq.Dropout, nn.Softmax: nnq.Softmax,
+    nn.PReLU: nnq.PReLU, nni.BNReLU2d: nniq.BNReLU2d, nni.BNReLU3d: nniq.BNReLU3d,
+}  # fmt: skip
+# quantized:: ops that take fewer arguments than their float op.
+DROP_KWARGS = {
+    torch.ops.quantized.hardswish: ("inplace",), torch.ops.quantized.elu: ("inplace",),
+    torch.ops.quantized.dropout: ("inplace",),
+    torch.ops.quantized.instance_norm: ("running_mean", "running_var", "use_input_stats", "momentum"),
+}  # fmt: skip
+
+
+class _Graph:
+    """The model, its modules and the per-node qconfigs, with the pattern predicates."""
+
+    def __init__(self, model: fx.GraphModule, qconfigs: dict):
+        self.model, self.graph, self.qconfigs = model, model.graph, qconfigs
+
+    def module(self, node):
+        if isinstance(node, fx.Node) and node.op == "call_module":
+            return self.model.get_submodule(node.target)
+        return None
+
+    def in_table(self, node, table) -> bool:
+        functions, methods, modules = table
+        if not isinstance(node, fx.Node):
+            return False
+        if node.op == "call_function":
+            return node.target in functions
+        if node.op == "call_method":
+            return node.target in methods
+        return node.op == "call_module" and type(self.module(node)) in modules
+
+    def skipped(self, node) -> bool:
+        return self.qconfigs.get(node.name, True) is None
+
+    def attr(self, node):
+        return getattr(self.model, node.target)
+
+    def erase(self, *nodes):
+        for node in nodes:
+            if isinstance(node, fx.Node):
+                self.graph.erase_node(node)
+
+
+def is_quantize(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.quantize_per_tensor
+
+
+def is_dequantize(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target == "dequantize"
+
+
+def _is_relu(g: _Graph, node) -> bool:
+    return (node.op == "call_function" and node.target in RELU_FUNCTIONS) or type(g.module(node)) is nn.ReLU
+
+
+def _bypass_dequantize(node: fx.Node, args) -> int:
+    """Feed ``node`` the quantized tensors behind the dequantize nodes among ``args``."""
+    count = 0
+    for arg in args:
+        if is_dequantize(arg):
+            node.replace_input_with(arg, arg.args[0])
+            count += 1
+    return count
+
+
+def _quantized_class(module, table_plain, table_fused):
+    if type(module) in table_fused:
+        inner, cls = table_fused[type(module)]
+        return cls if type(module[0]) is inner else None
+    return table_plain.get(type(module))
+
+
+def lower_weighted_modules(g: _Graph) -> None:
+    """dq -> reference module -> q (and the two-input conv+add) -> one quantized module."""
+    for q in list(g.graph.nodes):
+        if not is_quantize(q):
+            continue
+        ref, relu = q.args[0], None
+        if isinstance(ref, fx.Node) and _is_relu(g, ref):
+            relu, ref = ref, ref.args[0]
+        module = g.module(ref)
+        if module is None or g.skipped(ref):
+            continue
+        two_inputs = type(module) in TWO_INPUT_FUSED
+        cls = _quantized_class(module, {} if two_inputs else STATIC, TWO_INPUT_FUSED if two_inputs else STATIC_FUSED)
+        if cls is None or not ref.args or not all(is_dequantize(a) for a in ref.args):
+            continue
+        if len(ref.args) != (2 if two_inputs else 1):
+            continue
+        _, scale, zero_point, _ = q.args
+        set_module(g.model, ref.target, cls.from_reference(module, g.attr(scale), g.attr(zero_point)))
+        _bypass_dequantize(ref, ref.args)
+        # torch drops an unfused ReLU here, which is only right when the zero point is the
+        # dtype's minimum; ReLU on the quantized output is exact in every case.
+        q.replace_all_uses_with(relu if relu is not None else ref)
+        g.erase(q, scale, zero_point)
+
+
+def lower_dynamic_modules(g: _Graph) -> None:
+    """dynamic quantize -> dq -> reference Linear -> dynamic quantized Linear on the float input."""
+    for ref in g.graph.nodes:
+        module = g.module(ref)
+        cls = _quantized_class(module, DYNAMIC, DYNAMIC_FUSED) if module is not None else None
+        if cls is None or not ref.args or not is_dequantize(ref.args[0]):
+            continue
+        dq = ref.args[0]
+        dynamic_q = dq.args[0]
+        if dynamic_q.op != "call_function" or dynamic_q.target is not torch.quantize_per_tensor_dynamic:
+            continue
+        if dynamic_q.args[1] not in (torch.quint8, torch.qint8):
+            continue
+        set_module(g.model, ref.target, cls.from_reference(module))
+        ref.replace_input_with(dq, dynamic_q.args[0])
+
+
+def lower_weight_only_modules(g: _Graph) -> None:
+    for node in g.graph.nodes:
+        cls = WEIGHT_ONLY.get(type(g.module(node)))
+        if cls is not None:
+            set_module(g.model, node.target, cls.from_reference(g.module(node)))
+
+
+def lower_binary_ops(g: _Graph) -> None:
+    """dq, dq -> add/mul/matmul [-> relu] -> q  ->  quantized::add(_relu) etc. with output qparams."""
+    for q in list(g.graph.nodes):
+        if not is_quantize(q):
+            continue
+        op, relu = q.args[0], None
+        if _is_relu(g, op):
+            relu, op = op, op.args[0]
+        if not isinstance(op, fx.Node) or op.op != "call_function" or g.skipped(op):
+            continue
+        table = BINARY_RELU if relu is not None else BINARY
+        if op.target not in table:
+            continue
+        operands = op.args[:2]
+        if any(isinstance(a, fx.Node) and not is_dequantize(a) for a in operands):
+            continue
+        if not any(is_dequantize(a) for a in operands):
+            continue
+        n_quantized = _bypass_dequantize(op, operands)
+        _, scale, zero_point, _ = q.args
+        args = tuple(op.args) + ((scale, zero_point) if n_quantized == 2 else ())
+        with g.graph.inserting_after(q):
+            qop = g.graph.call_function(table[op.target], args)
+        qop.meta = dict(op.meta)
+        q.replace_all_uses_with(qop)
+        g.erase(q, relu, op)
+
+
+def skip_dequantize_for_shape_queries(g: _Graph) -> None:
+    """``x.shape`` / ``x.size()`` read the quantized tensor directly."""
+    for node in g.graph.nodes:
+        is_query = (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
+            node.op == "call_method" and node.target in ("shape", "size")
+        )
+        if is_query and is_dequantize(node.args[0]):
+            node.args = (node.args[0].args[0],) + tuple(node.args[1:])
+
+
+def lower_quantized_tensor_ops(g: _Graph) -> None:
+    """dq -> op -> q where the op runs on quantized tensors: drop the dq and the q."""
+    for q in list(g.graph.nodes):
+        to_fp16 = q.op == "call_method" and q.target == "to" and q.args[1:] == (torch.float16,)
+        if not (is_quantize(q) or to_fp16):
+            continue
+        ref = q.args[0]
+        if not isinstance(ref, fx.Node) or not (ref.args or ref.kwargs):
+            continue
+        if to_fp16 and (g.in_table(ref, FIXED_QPARAMS) or g.in_table(ref, NEEDS_QPARAMS)):
+            continue
+        if not any(g.in_table(ref, t) for t in (FIXED_QPARAMS, NEEDS_QPARAMS, PASSTHROUGH)):
+            continue
+        first = ref.args[0] if ref.args else next(iter(ref.kwargs.values()))
+        inputs = list(first) if isinstance(first, (list, tuple)) else [first]
+        if not all(is_dequantize(x) for x in inputs):
+            continue
+        qparams = q.args[1:]
+        module = g.module(ref)
+        if is_quantize(q) and type(module) in SPECIAL_MODULES:
+            quantized = SPECIAL_MODULES[type(module)].from_reference(
+                module, g.attr(qparams[0]), g.attr(qparams[1])
+            )
+            set_module(g.model, ref.target, quantized)
+        for dq in inputs:
+            ref.replace_input_with(dq, dq.args[0])
+        q.replace_all_uses_with(ref)
+        g.erase(q)
+        if ref.op == "call_function" and ref.target in NEEDS_QPARAMS[0]:
+            qop = get_quantized_operator(ref.target)
+            kwargs = {k: v for k, v in ref.kwargs.items() if k not in DROP_KWARGS.get(qop, ())}
+            kwargs.update(output_scale=qparams[0], output_zero_point=qparams[1])
+            with g.graph.inserting_after(qparams[1]):
+                new = g.graph.call_function(qop, tuple(ref.args), kwargs)
+            new.meta = dict(ref.meta)
+            ref.replace_all_uses_with(new)
+            g.erase(ref)
+        else:
+            g.erase(*qparams)
+
+
+def lower_to_native(model: fx.GraphModule, qconfigs: dict) -> fx.GraphModule:
+    """Lower a reference quantized model in place and return it recompiled."""
+    g = _Graph(model, qconfigs)
+    lower_weighted_modules(g)
+    lower_dynamic_modules(g)
+    lower_weight_only_modules(g)
+    lower_binary_ops(g)
+    skip_dequantize_for_shape_queries(g)
+    lower_quantized_tensor_ops(g)
+    model.graph.eliminate_dead_code()
+    model.recompile()
+    model.graph.lint()
+    return model

@@ -1,0 +1,64 @@
+"""qref.engines: which quantized engines run here, running under one, kernel contracts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.ao.nn.quantized as nnq
+
+from qref.engines import KERNEL_CONTRACTS, engines, known_deviation, use_engine
+
+
+def test_engines_are_supported_and_really_run():
+    found = engines()
+    assert found, "no quantized engine runs here"
+    assert set(found) <= set(torch.backends.quantized.supported_engines) - {"none"}
+    x = torch.quantize_per_tensor(torch.rand(1, 3, 6, 6), 0.05, 3, torch.quint8)
+    for engine in found:
+        with use_engine(engine):
+            assert torch.backends.quantized.engine == engine
+            assert nnq.Conv2d(3, 2, 3)(x).is_quantized
+
+
+def test_engines_is_cached_and_returns_a_copy():
+    first = engines()
+    first.append("bogus")
+    assert "bogus" not in engines()
+
+
+def test_use_engine_restores_engine_and_threads():
+    before_engine, before_threads = torch.backends.quantized.engine, torch.get_num_threads()
+    other = next((e for e in engines() if e != before_engine), before_engine)
+    with use_engine(other, threads=1):
+        assert torch.backends.quantized.engine == other
+        assert torch.get_num_threads() == 1
+    assert torch.backends.quantized.engine == before_engine
+    assert torch.get_num_threads() == before_threads
+
+
+def test_use_engine_restores_on_error():
+    before = torch.backends.quantized.engine
+    with pytest.raises(RuntimeError, match="boom"):
+        with use_engine(engines()[-1]):
+            raise RuntimeError("boom")
+    assert torch.backends.quantized.engine == before
+
+
+def test_unknown_engine_lists_available():
+    before = torch.backends.quantized.engine
+    with pytest.raises(ValueError, match="available: " + ", ".join(engines())):
+        with use_engine("tpu9000"):
+            pass
+    assert torch.backends.quantized.engine == before
+
+
+def test_known_deviation():
+    assert "pytorch#44939" in known_deviation("fbgemm", reduce_range=False)
+    assert known_deviation("fbgemm", reduce_range=True, threads=1) is None
+    assert known_deviation("fbgemm", reduce_range=True, input_max=200) is not None
+    assert known_deviation("fbgemm", reduce_range=False, dtype=torch.qint8) is None  # int8 activations
+    assert known_deviation("qnnpack", reduce_range=False, threads=8) is None
+    assert "set_num_threads(1)" in known_deviation("onednn", reduce_range=True, threads=2)
+    assert known_deviation("onednn", reduce_range=True, threads=1) is None
+    assert known_deviation("unknown", reduce_range=False) is None
+    assert all(c.max_lsb == 1 for c in KERNEL_CONTRACTS.values())

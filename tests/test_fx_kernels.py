@@ -1,0 +1,105 @@
+"""Lowered kernels vs. the reference model, per layer, in LSB of each output scale.
+
+Contract: <= 1 LSB (rounding order of requantization). Where a kernel knowingly
+leaves it (u8 x s8 pair sums saturating int16 on fbgemm/x86, and on onednn without
+VNNI), the test shows the deviation and that qref.engines names its cause.
+Observed maxima and fractions are printed (run with -s) even when the checks pass.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from fixtures.fx_setups import SETUPS, prepared, unsupported
+from fixtures.zoo import ZOO
+from qref.engines import INT16_PAIRS, engines, known_deviation, use_engine
+from qref.fx import convert_fx, convert_to_reference_fx
+from qref.fx.kernel_check import layer_errors
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+MODELS = ["conv_bn_relu", "depthwise_conv", "conv1d_bn_relu", "conv_transpose2d_bn", "linear_bn",
+          "residual_add", "mlp", "attention"]  # fmt: skip
+
+
+def _inputs(model_name, scale):
+    g = torch.Generator().manual_seed(7)
+    return [tuple(scale * x for x in ZOO[model_name].example_inputs(g)) for _ in range(2)]
+
+
+def _measure(model_name, setup_name, engine, scale):
+    model, _ = prepared(model_name, setup_name, False)
+    with use_engine(engine, threads=1):
+        reference, lowered = convert_to_reference_fx(model), convert_fx(model)
+        return layer_errors(reference, lowered, _inputs(model_name, scale))
+
+
+def _report(tag, errors):
+    worst = max(errors, key=lambda e: e.max_lsb)
+    frac = sum(e.off_fraction * e.elements for e in errors) / sum(e.elements for e in errors)
+    print(f"\n[{tag}] max {worst.max_lsb} LSB at {worst.name} ({worst.kind}), "
+          f"{frac:.4f} of outputs off, max quantized input {max(e.input_max for e in errors)}")  # fmt: skip
+    return worst.max_lsb
+
+
+def _runnable(engine, model_name, setup_name):
+    return (engine in engines() and not unsupported(ZOO[model_name], SETUPS[setup_name])
+            and not (engine == "onednn" and "conv_transpose" in ZOO[model_name].ops))  # fmt: skip
+
+
+# qnnpack accumulates in int32: the contract holds without reduce_range, even far outside
+# the calibrated range. fbgemm/x86/onednn need 7-bit activations: reduce_range mappings,
+# inputs inside the calibrated range (calibration saw up to 2.5x the example scale).
+CONTRACT = [("qnnpack", "qnnpack", 4.0), ("qnnpack", "qnnpack", 1.0), ("fbgemm", "fbgemm", 1.0),
+            ("x86", "x86", 1.0), ("onednn", "fbgemm", 1.0)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "model_name,engine,setup_name,scale",
+    [(m, *c) for c in CONTRACT for m in MODELS if _runnable(c[0], m, c[1])],
+)
+def test_kernel_within_one_lsb(model_name, engine, setup_name, scale):
+    errors = _measure(model_name, setup_name, engine, scale)
+    assert errors, "no lowered weighted module was checked"
+    setup = SETUPS[setup_name]
+    input_max = max(e.input_max for e in errors)
+    assert known_deviation(engine, setup.reduce_range, threads=1, input_max=input_max) is None
+    assert _report(f"{model_name} {engine}/{setup_name} x{scale}", errors) <= 1
+
+
+@pytest.mark.parametrize("engine", ["fbgemm", "x86"])
+def test_fbgemm_without_reduce_range_saturates_and_is_named(engine):
+    """Full 8-bit activations on fbgemm: u8 x s8 pairs overflow int16, outputs far off."""
+    errors = _measure("conv_bn_relu", "fbgemm_no_reduce_range", engine, 1.0)
+    worst = _report(f"conv_bn_relu {engine} no reduce_range", errors)
+    assert worst > 1, "the saturation this test documents did not happen"
+    cause = known_deviation(engine, reduce_range=False)
+    assert cause is not None and "pytorch#44939" in cause and "int16" in cause
+
+
+def test_reduce_range_does_not_cover_inputs_beyond_calibration():
+    """reduce_range only keeps calibrated activations <= 127: quantize_per_tensor does not clamp
+    to the observer's 0..127, so larger inputs reach 255 and fbgemm saturates again."""
+    errors = _measure("conv_bn_relu", "fbgemm", "fbgemm", 4.0)
+    worst = _report("conv_bn_relu fbgemm x4 (beyond calibration)", errors)
+    input_max = max(e.input_max for e in errors)
+    assert input_max > 127
+    assert worst > 1
+    cause = known_deviation("fbgemm", reduce_range=True, input_max=input_max)
+    assert cause == INT16_PAIRS.format(engine="fbgemm")
+
+
+def test_onednn_default_mapping_names_its_cause():
+    """onednn's default mapping uses full-range activations; without VNNI it pairs in int16."""
+    if "onednn" not in engines():
+        pytest.skip("onednn does not run here")
+    errors = _measure("conv_bn_relu", "onednn", "onednn", 1.0)
+    worst = _report("conv_bn_relu onednn default (no reduce_range)", errors)
+    cause = known_deviation("onednn", reduce_range=False, threads=1)
+    if cause is None:  # a VNNI CPU: int32 accumulation, the contract holds
+        assert worst <= 1
+    else:
+        assert "int16" in cause and worst > 1
