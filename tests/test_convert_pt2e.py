@@ -21,7 +21,15 @@ from qref._quiet import import_torchao_quietly
 import_torchao_quietly()
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e as torchao_convert  # noqa: E402
 
-PAIRS = [p for p in all_pairs() if supported(*p)]
+# The 560-node MobileNetV2-like model costs ~10x a small model per case, so the default run
+# converts it under two setups (PTQ with histograms, QAT); --run-slow covers the rest.
+_MOBILENET_DEFAULT = {("mobilenet_v2_like", "x86_ptq_pc"), ("mobilenet_v2_like", "x86_qat_pc")}
+PAIRS = [
+    pytest.param(m, s, id=f"{m}-{s}", marks=[pytest.mark.slow] if m == "mobilenet_v2_like"
+                 and (m, s) not in _MOBILENET_DEFAULT else [])
+    for m, s in all_pairs()
+    if supported(m, s)
+]
 INPUT_SCALES = (1.0, 10.0, 100.0, 0.0)  # in range, far outside it (saturation), all zeros
 
 
@@ -40,14 +48,13 @@ def outputs(gm, args):
 
 
 def assert_bit_equal(expected_gm, got_gm, model_name):
-    for seed in range(2):
-        for scale in INPUT_SCALES:
-            args = inputs(model_name, seed, scale)
-            for i, (e, g) in enumerate(zip(outputs(expected_gm, args), outputs(got_gm, args))):
-                assert torch.equal(e, g), (
-                    f"output {i} differs (input seed {seed}, scale {scale}): "
-                    f"max |diff| {(e - g).abs().max().item():.3g}"
-                )
+    for scale in INPUT_SCALES:
+        args = inputs(model_name, 0, scale)
+        for i, (e, g) in enumerate(zip(outputs(expected_gm, args), outputs(got_gm, args))):
+            assert torch.equal(e, g), (
+                f"output {i} differs (input scale {scale}): "
+                f"max |diff| {(e - g).abs().max().item():.3g}"
+            )
 
 
 def state(gm):
@@ -55,7 +62,7 @@ def state(gm):
 
 
 @pytest.mark.parametrize("fold_quantize", [True, False], ids=["fold", "nofold"])
-@pytest.mark.parametrize("model_name,setup_name", PAIRS, ids=[f"{m}-{s}" for m, s in PAIRS])
+@pytest.mark.parametrize("model_name,setup_name", PAIRS)
 def test_bit_exact_with_torchao(prepared_cache, model_name, setup_name, fold_quantize):
     prepared = prepared_cache.get(model_name, setup_name)
     before_code, before_state = state(prepared)

@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import fx
 from torch.fx import GraphModule, Node
 
 from ..fold import fold_conv_bn_weights
@@ -226,6 +225,15 @@ def _set_param(gm: GraphModule, target: str, value: torch.Tensor, requires_grad:
     setattr(owner, name, torch.nn.Parameter(value, requires_grad=requires_grad))
 
 
+def _set_conv_bias(conv: Node, bias: Node) -> None:
+    if "bias" in conv.kwargs:
+        conv.update_kwarg("bias", bias)
+    else:
+        args = list(conv.args) + [None] * (3 - len(conv.args))
+        args[2] = bias
+        conv.args = tuple(args)
+
+
 def _fold(gm: GraphModule, m: _QatConvBn) -> None:
     graph = gm.graph
     conv_w = _get(gm, m.weight.target)
@@ -246,28 +254,21 @@ def _fold(gm: GraphModule, m: _QatConvBn) -> None:
 
     # q/dq now quantize the folded float weight (and bias), with the QAT qparams
     m.weight_q.args = (m.weight, *m.weight_q.args[1:])
-    if m.bias is not None:
-        _set_param(gm, m.bias.target, b, conv_b.requires_grad)
-        if m.bias_q is not None:
-            m.bias_q.args = (m.bias, *m.bias_q.args[1:])
-            bias_arg = _arguments(m.conv)["bias"]  # the bias dq, unchanged
-        else:
-            bias_arg = m.bias
-    else:
+    if m.bias is None:  # new parameter `<weight>_bias`, as torchao names it
         bias_target = m.weight.target + "_bias"
         _set_param(gm, bias_target, b, False)
         with graph.inserting_before(m.conv):
-            bias_arg = graph.get_attr(bias_target)
+            bias_node = graph.get_attr(bias_target)
         if "val" in m.conv.meta:
             fake_mode = m.conv.meta["val"].fake_mode
-            bias_arg.meta["val"] = fake_mode.from_tensor(b, static_shapes=True)
-
-    if "bias" in m.conv.kwargs:
-        m.conv.update_kwarg("bias", bias_arg)
+            bias_node.meta["val"] = fake_mode.from_tensor(b, static_shapes=True)
+        _set_conv_bias(m.conv, bias_node)
     else:
-        args = list(m.conv.args) + [None] * (3 - len(m.conv.args))
-        args[2] = bias_arg
-        m.conv.args = tuple(args)
+        _set_param(gm, m.bias.target, b, conv_b.requires_grad)
+        if m.bias_q is None:
+            _set_conv_bias(m.conv, m.bias)  # instead of zeros_like(bias)
+        else:
+            m.bias_q.args = (m.bias, *m.bias_q.args[1:])  # conv keeps reading the bias dq
 
     m.bn.replace_all_uses_with(m.conv)
     graph.erase_node(m.bn)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# qref developer entry point.  Usage: ./dev.sh {setup|test|demo|bench} [args...]
+#   setup  create .venv (if missing) and install qref editable with test extras,
+#          pinned by constraints.txt; skipped while .venv/.qref-stamp is current
+#   test   setup, then pytest -q [args...]
+#   demo   setup, then benchmarks/convert_speed.py --quick [args...]
+#   bench  setup, then benchmarks/convert_speed.py [args...]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+VENV=.venv
+PY="$VENV/bin/python"
+STAMP="$VENV/.qref-stamp"
+
+stamp_value() {
+    # sha256 of the files that decide what gets installed
+    cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1
+}
+
+setup() {
+    if [[ ! -x "$PY" ]]; then
+        echo "dev.sh: creating $VENV" >&2
+        python3 -m venv "$VENV"
+    fi
+    local want
+    want="$(stamp_value)"
+    if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
+        return 0
+    fi
+    echo "dev.sh: installing qref and its pinned dependencies into $VENV" >&2
+    # Every pip call is pinned by constraints.txt (an unpinned torch would pull
+    # a multi-GB CUDA build).
+    "$PY" -m pip install -q --disable-pip-version-check \
+        -c constraints.txt -e '.[test]'
+    echo "$want" > "$STAMP"
+}
+
+cmd="${1:-}"
+[[ $# -gt 0 ]] && shift
+case "$cmd" in
+    setup)
+        setup
+        ;;
+    test)
+        setup
+        exec "$PY" -m pytest -q "$@"
+        ;;
+    demo)
+        setup
+        exec "$PY" benchmarks/convert_speed.py --quick "$@"
+        ;;
+    bench)
+        setup
+        exec "$PY" benchmarks/convert_speed.py "$@"
+        ;;
+    *)
+        echo "usage: $0 {setup|test|demo|bench} [args...]" >&2
+        exit 2
+        ;;
+esac
