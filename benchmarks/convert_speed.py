@@ -1,14 +1,17 @@
-"""qref.convert_pt2e vs torchao's convert_pt2e on the same prepared models, in one run.
+"""qref's converters vs the originals on the same prepared models, in one run.
 
-Prints, per model: graph size, each converter's wall time, the ratio
-(torchao / qref, > 1 means qref is faster) and whether the outputs are
-bit-identical; then a scaling series of conv-bn-relu chains.
+pt2e: qref.convert_pt2e vs torchao's convert_pt2e; FX: qref.convert_fx vs
+torch's convert_fx (lowered to fbgemm kernels). Prints, per model: graph size,
+each converter's wall time, the ratio (original / qref, > 1 means qref is
+faster) and whether the outputs are bit-identical; then a scaling series of
+conv-bn-relu chains.
 
     python benchmarks/convert_speed.py            # whole zoo + chains of ~50/500/5000 nodes
     python benchmarks/convert_speed.py --quick    # a few models + chains of ~50/500 (the demo)
 
-Timing notes: torchao converts a deep copy (it mutates its input; the copy is
-not timed); qref's time includes the copy it makes to leave its input alone.
+Timing notes: torchao and torch convert a deep copy (they mutate their input;
+the copy is not timed); qref's time includes the copy it makes to leave its
+input alone.
 Each figure is the best of --repeat runs.
 """
 
@@ -30,8 +33,9 @@ import_torchao_quietly()
 silence_noise()
 
 import qref  # noqa: E402
-from fixtures import zoo  # noqa: E402
+from fixtures import fx_setups, zoo  # noqa: E402
 from fixtures.prepare import inputs, prepare, supported  # noqa: E402
+from torch.ao.quantization.quantize_fx import convert_fx as torch_convert_fx  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e as torchao_convert  # noqa: E402
 
 QUICK_MODELS = [
@@ -57,27 +61,27 @@ def _identical(a, b, args_list) -> bool:
         return all(torch.equal(a(*args), b(*args)) for args in args_list)
 
 
-def compare(name, prepared, args_list, repeat):
-    def run_torchao():
+def compare(name, prepared, args_list, repeat, original=torchao_convert, ours=qref.convert_pt2e):
+    def run_original():
         model = copy.deepcopy(prepared)
         start = time.perf_counter()
-        out = torchao_convert(model)
+        out = original(model)
         return time.perf_counter() - start, out
 
     t_ao = float("inf")
     for _ in range(repeat):
-        elapsed, expected = run_torchao()
+        elapsed, expected = run_original()
         t_ao = min(t_ao, elapsed)
-    t_qref, got = _best_time(lambda: qref.convert_pt2e(prepared), repeat)
+    t_qref, got = _best_time(lambda: ours(prepared), repeat)
     same = _identical(expected, got, args_list)
     nodes = len(prepared.graph.nodes)
     print(f"{name:<36} {nodes:>6} {t_ao:>10.3f} {t_qref:>10.3f} {t_ao / t_qref:>8.1f}x  {'yes' if same else 'NO'}")
     return t_ao, t_qref, same
 
 
-def header(title):
+def header(title, original="torchao"):
     print(f"\n{title}")
-    print(f"{'model / setup':<36} {'nodes':>6} {'torchao s':>10} {'qref s':>10} {'ratio':>9}  identical")
+    print(f"{'model / setup':<36} {'nodes':>6} {original + ' s':>10} {'qref s':>10} {'ratio':>9}  identical")
 
 
 def zoo_section(pairs, repeat):
@@ -87,6 +91,25 @@ def zoo_section(pairs, repeat):
         prepared = prepare(model_name, setup_name)
         args_list = [inputs(model_name, 0), inputs(model_name, 1, scale=50.0)]
         results.append(compare(f"{model_name} / {setup_name}", prepared, args_list, repeat))
+    return results
+
+
+FX_QUICK = ["conv_bn_relu", "mlp", "residual_add"]
+
+
+def fx_section(model_names, repeat):
+    """FX flow, fbgemm mapping, lowered models run under fbgemm with one thread (bit-exact)."""
+    header("FX: qref.convert_fx vs torch convert_fx (fbgemm default mapping)", original="torch")
+    results = []
+    with qref.use_engine("fbgemm", threads=1):
+        for name in model_names:
+            model = zoo.ZOO[name]
+            if fx_setups.unsupported(model, fx_setups.SETUPS["fbgemm"]):
+                continue
+            prepared, _ = fx_setups.prepare_fx_model(model, fx_setups.SETUPS["fbgemm"])
+            args_list = [inputs(name, 0), inputs(name, 1, scale=4.0)]
+            results.append(compare(f"{name} / fbgemm", prepared, args_list, repeat,
+                                   original=torch_convert_fx, ours=qref.convert_fx))
     return results
 
 
@@ -120,6 +143,7 @@ def main(argv=None):
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeat {args.repeat}")
     results = zoo_section(pairs, args.repeat)
     results += scaling_section(sizes, args.repeat)
+    results += fx_section(FX_QUICK if args.quick else list(zoo.ZOO), args.repeat)
     mismatches = sum(not same for _, _, same in results)
     slower = sum(q > ao for ao, q, _ in results)
     print(f"\n{len(results)} conversions: {mismatches} with different outputs, qref slower on {slower}")
