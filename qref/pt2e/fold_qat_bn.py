@@ -50,6 +50,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..fold import fold_conv_bn_weights
+from .ops import schema_arguments
 
 __all__ = ["fold_qat_conv_bn"]
 
@@ -97,19 +98,6 @@ def _is(node, target) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target == target
 
 
-def _arguments(node: Node) -> dict:
-    """All schema arguments of an OpOverload call by name, defaults filled in."""
-    out = {}
-    for i, arg in enumerate(node.target._schema.arguments):
-        if arg.name in node.kwargs:
-            out[arg.name] = node.kwargs[arg.name]
-        elif not arg.kwarg_only and i < len(node.args):
-            out[arg.name] = node.args[i]
-        else:
-            out[arg.name] = arg.default_value
-    return out
-
-
 def _is_get_attr(node) -> bool:
     return isinstance(node, Node) and node.op == "get_attr"
 
@@ -132,7 +120,7 @@ def _match(bn: Node) -> _QatConvBn | None:
     """Match the QAT conv-bn simulation that ends in ``bn``; None if it is not there."""
     if not _is(bn, aten.batch_norm.default):
         return None
-    a = _arguments(bn)
+    a = schema_arguments(bn)
     bn_w, bn_b, bn_rm, bn_rv = a["weight"], a["bias"], a["running_mean"], a["running_var"]
     if not all(_is_get_attr(n) for n in (bn_w, bn_b, bn_rm, bn_rv)):
         return None
@@ -167,7 +155,7 @@ def _match(bn: Node) -> _QatConvBn | None:
     # conv(x, dq(q(conv_w * sf.reshape(...))), bias)
     if not (isinstance(conv, Node) and conv.op == "call_function" and conv.target in _CONV_OPS):
         return None
-    ca = _arguments(conv)
+    ca = schema_arguments(conv)
     inputs.append(ca["input"])
     weight_qdq = _q_dq(ca["weight"])
     if weight_qdq is None:
@@ -248,7 +236,7 @@ def _fold(gm: GraphModule, m: _QatConvBn) -> None:
         bn_w.detach(),
         bn_b.detach(),
         transpose=_CONV_OPS[m.conv.target],
-        groups=_arguments(m.conv)["groups"],
+        groups=schema_arguments(m.conv)["groups"],
     )
     _set_param(gm, m.weight.target, w, conv_w.requires_grad)
 

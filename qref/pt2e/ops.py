@@ -26,3 +26,16 @@ def is_call(node, targets) -> bool:
 def real_users(node) -> list:
     """Users of ``node`` other than shape queries (``sym_size``), which do not consume values."""
     return [u for u in node.users if not is_call(u, SYM_SIZE)]
+
+
+def schema_arguments(node) -> dict:
+    """An OpOverload call's arguments by schema name, defaults filled in."""
+    out = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif not arg.kwarg_only and i < len(node.args):
+            out[arg.name] = node.args[i]
+        else:
+            out[arg.name] = arg.default_value
+    return out

@@ -46,6 +46,8 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quanti
 from torch import fx
 from torch._higher_order_ops.out_dtype import out_dtype
 
+from .ops import schema_arguments
+
 __all__ = ["to_reference_representation"]
 
 aten = torch.ops.aten
@@ -263,19 +265,6 @@ def _same_literal(pattern, value) -> bool:
     return type(value) is type(pattern) and value == pattern
 
 
-def _arguments(node: fx.Node) -> dict:
-    """The node's arguments by schema name, with defaults filled in (as SubgraphMatcher does)."""
-    out = {}
-    for i, a in enumerate(node.target._schema.arguments):
-        if a.name in node.kwargs:
-            out[a.name] = node.kwargs[a.name]
-        elif not a.kwarg_only and i < len(node.args):
-            out[a.name] = node.args[i]
-        else:
-            out[a.name] = a.default_value
-    return out
-
-
 def _int8_qdq(node, packet, nargs=6) -> Optional[tuple]:
     """The arguments of an int8 q/dq node written exactly as torchao's patterns write it."""
     if not _is(node, packet) or node.kwargs or len(node.args) != nargs:
@@ -305,7 +294,7 @@ def _q_of(node) -> Optional[tuple]:
 def _match_linear(node):
     if not _is(node, aten.linear.default):
         return None
-    a = _arguments(node)
+    a = schema_arguments(node)
     x, w, q = _dq_into(a["input"], node), _dq_into(a["weight"], node), _q_of(node)
     if x is None or w is None or q is None:
         return None
@@ -321,7 +310,7 @@ def _match_linear(node):
 def _match_convolution(node):
     if not _is(node, aten.convolution.default):
         return None
-    a = _arguments(node)
+    a = schema_arguments(node)
     x, w, q = _dq_into(a["input"], node), _dq_into(a["weight"], node), _q_of(node)
     if x is None or w is None or q is None:
         return None
@@ -339,7 +328,7 @@ def _match_convolution(node):
 def _match_add(node, with_relu: bool):
     if not _is(node, aten.add.Tensor):
         return None
-    a = _arguments(node)
+    a = schema_arguments(node)
     if not _same_literal(1, a["alpha"]):
         return None
     relu = _sole_user(node) if with_relu else None
@@ -370,7 +359,7 @@ def _match_max_pool2d(node):
     if not _is(node.args[0], aten.max_pool2d_with_indices.default):
         return None
     pool, index = node.args
-    a = _arguments(pool)
+    a = schema_arguments(pool)
     defaults = {"padding": [0, 0], "dilation": [1, 1], "ceil_mode": False}
     if set(pool.users) != {node} or not all(_same_literal(v, a[k]) for k, v in defaults.items()):
         return None
@@ -391,7 +380,7 @@ def _match_dynamic_linear(node):
     """x -> choose_qparams -> q -> dq -> linear (per-tensor int8 weight), float output."""
     if not _is(node, aten.linear.default):
         return None
-    a = _arguments(node)
+    a = schema_arguments(node)
     x, w = _dq_into(a["input"], node), _dq_into(a["weight"], node)
     if x is None or w is None:
         return None
@@ -407,7 +396,7 @@ def _match_dynamic_linear(node):
         return None
     if not (_same_literal(0, scale.args[1]) and _same_literal(1, zp.args[1])):
         return None
-    c = _arguments(choose)
+    c = schema_arguments(choose)
     if c["input"] is not x_fp32 or c["dtype"] is not torch.int8:
         return None
     if not (c["quant_min"] == xq.quant_min and c["quant_max"] == xq.quant_max):
