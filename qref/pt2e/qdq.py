@@ -15,10 +15,12 @@ from .. import observers
 from .ops import qd
 
 
-def _new_buffer(gm: fx.GraphModule, prefix: str, value: torch.Tensor) -> str:
-    i = 0
+def _new_buffer(gm: fx.GraphModule, prefix: str, value: torch.Tensor, counters: dict) -> str:
+    """Register ``value`` as ``{prefix}{N}`` with the first free N (counted on, not re-searched)."""
+    i = counters.get(prefix, 0)
     while hasattr(gm, f"{prefix}{i}"):
         i += 1
+    counters[prefix] = i + 1
     name = f"{prefix}{i}"
     gm.register_buffer(name, value.detach().clone())
     return name
@@ -31,14 +33,14 @@ def _dequantize_kwargs(source: fx.Node) -> dict:
     return {} if dtype == torch.float32 else {"out_dtype": dtype}
 
 
-def _static_pair(gm, graph, source, module, qparams_of):
+def _static_pair(gm, graph, source, module, qparams_of, counters):
     q = qparams_of(module)
     if q.axis is None:
         args = (float(q.scale), int(q.zero_point), q.quant_min, q.quant_max, q.dtype)
         quantize, dequantize = qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default
     else:
-        scale = graph.get_attr(_new_buffer(gm, "_scale_", q.scale))
-        zero_point = graph.get_attr(_new_buffer(gm, "_zero_point_", q.zero_point))
+        scale = graph.get_attr(_new_buffer(gm, "_scale_", q.scale, counters))
+        zero_point = graph.get_attr(_new_buffer(gm, "_zero_point_", q.zero_point, counters))
         args = (scale, zero_point, q.axis, q.quant_min, q.quant_max, q.dtype)
         quantize, dequantize = qd.quantize_per_channel.default, qd.dequantize_per_channel.default
     qnode = graph.call_function(quantize, (source, *args))
@@ -73,6 +75,7 @@ def replace_observers(gm: fx.GraphModule) -> fx.GraphModule:
     graph = gm.graph
     modules = dict(gm.named_modules(remove_duplicate=False))
     cache: dict[int, object] = {}  # shared observers: one qparams computation each
+    counters: dict[str, int] = {}
 
     def qparams_of(module):
         if id(module) not in cache:
@@ -87,7 +90,7 @@ def replace_observers(gm: fx.GraphModule) -> fx.GraphModule:
         how = observers.kind(module)
         with graph.inserting_before(node):
             if how == "static":
-                replacement = _static_pair(gm, graph, source, module, qparams_of)
+                replacement = _static_pair(gm, graph, source, module, qparams_of, counters)
             elif how == "dynamic":
                 replacement = _dynamic_pair(graph, source, module)
             elif how == "float16":
