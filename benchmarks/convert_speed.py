@@ -22,6 +22,7 @@ import copy
 import os
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,6 +32,9 @@ from qref._quiet import import_torchao_quietly, silence_noise  # noqa: E402
 
 import_torchao_quietly()
 silence_noise()
+# torch.ao's FX deprecation notice and quantizers' "skip annotate" remarks say nothing about speed.
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=UserWarning)
 
 import qref  # noqa: E402
 from fixtures import fx_setups, zoo  # noqa: E402

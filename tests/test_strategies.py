@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import torch
-from hypothesis import find, settings
+from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
 from qref.strategies import (
@@ -35,7 +35,6 @@ def test_scales_are_positive_finite_float32():
     @settings(max_examples=200, database=None)
     def check(s):
         assert s > 0 and math.isfinite(s) and float(np.float32(s)) == s
-    from hypothesis import given
     given(scales())(check)()
 
 
