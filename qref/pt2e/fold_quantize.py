@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .ops import QUANTIZE, is_call
+from .ops import QUANTIZE, SYM_SIZE, is_call
 
 
 def _attr(gm: fx.GraphModule, target: str):
@@ -36,7 +36,7 @@ class _Constants:
     def _evaluate(self, node: fx.Node):
         if node.op == "get_attr":
             return _attr(self.gm, node.target)
-        if node.op != "call_function" or node.target is torch.ops.aten.sym_size.default:
+        if node.op != "call_function" or is_call(node, SYM_SIZE):
             return None
         target = node.target
         if isinstance(target, torch._ops.OpOverload) and (
