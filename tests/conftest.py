@@ -4,7 +4,7 @@
   and calibrated once per session; ``get`` returns a deep copy every call, so
   a converter may mutate what it receives.
 * torchao's pattern-graph exports are memoised for the session
-  (``fixtures.torchao_patterns``; ``QREF_NO_PATTERN_CACHE=1`` disables it):
+  (``qref._torchao_patterns``; ``QREF_NO_PATTERN_CACHE=1`` disables it):
   without it every torchao QAT ``convert_pt2e`` costs ~25 s.
 * ``@pytest.mark.slow`` tests are skipped unless ``--run-slow`` or
   ``QREF_RUN_SLOW=1``.
@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from fixtures import torchao_patterns
+from qref import _torchao_patterns as torchao_patterns
 
 torchao_patterns.enable()
 

@@ -5,7 +5,7 @@ the two main PTQ setups and the two main QAT setups (QAT: 1-d conv models
 excluded, each new conv kind costs torchao ~6 s of pattern exports), the other
 setups on a few core models, ``mobilenet_v2_like`` under ``x86_ptq_pc`` only.
 Everything else (the full model x setup matrix, mobilenet's train export, the
-5000-node chain, the check that fixtures/torchao_patterns.py changes nothing)
+5000-node chain, the check that qref/_torchao_patterns.py changes nothing)
 is marked ``slow`` (``--run-slow``).
 """
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from fixtures import torchao_patterns
+from qref import _torchao_patterns as torchao_patterns
 from fixtures import zoo as Z
 from fixtures.prepare import (
     EVAL_SEED_OFFSET,
@@ -31,7 +31,7 @@ from fixtures.prepare import (
     prepare,
     supported,
 )
-from fixtures.quantizers import SETUPS
+from qref.quantizers import SETUPS
 from qref._quiet import import_torchao_quietly, quiet_loggers
 
 import_torchao_quietly()
@@ -340,7 +340,7 @@ def test_pattern_cache_is_active(prepared_cache):
 @pytest.mark.slow
 def test_pattern_accelerator_changes_nothing():
     """Prepared/converted code, weights, node metadata and outputs are identical
-    with torchao's own pattern functions and with fixtures.torchao_patterns."""
+    with torchao's own pattern functions and with qref._torchao_patterns."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e as convert
 
     cases = [

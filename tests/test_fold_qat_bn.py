@@ -13,7 +13,7 @@ per process (memoised by ``tests/conftest.py``) plus ~0.1-0.3 s per branch.
 Quantizers: XNNPACKQuantizer (torchao.testing; conv1d/2d and conv_transpose1d/2d
 with BN, per-channel axis 0 or per-tensor, float bias), X86InductorQuantizer
 (conv2d only in QAT; per-channel default and a per-tensor weight variant), and
-``fixtures.quantizers.QrefQuantizer`` (int32 bias *derived* from input and
+``qref.quantizers.QrefQuantizer`` (int32 bias *derived* from input and
 weight scales, so the bias is q/dq'd; per-channel weight axis 1 for
 conv_transpose).
 
@@ -38,7 +38,7 @@ from qref._quiet import import_torchao_quietly, silence_noise
 import_torchao_quietly()
 silence_noise()
 
-from fixtures.quantizers import QrefQuantizer, QrefQuantizerConfig, x86_qat  # noqa: E402
+from qref.quantizers import QrefQuantizer, QrefQuantizerConfig, x86_qat  # noqa: E402
 from torchao.quantization.pt2e import (  # noqa: E402
     FakeQuantize,
     MovingAverageMinMaxObserver,
