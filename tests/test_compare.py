@@ -1,0 +1,306 @@
+"""qref.compare: integer comparison at every quantize point, and the failures it names.
+
+Honest both ways: two converters that agree compare exact with many points, and each kind
+of tampering (one weight integer, one quantize scale, a dropped q/dq pair, a shifted
+quantize, a NaN output) is caught and named at the point where it was made.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+import qref
+from fixtures.prepare import inputs
+from qref._quiet import import_torchao_quietly
+from qref.compare import EXACT, Tolerance, compare, compare_lowered, quantize_points
+from qref.pt2e.ops import DEQUANTIZE, QUANTIZE
+
+import_torchao_quietly()
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e as torchao_convert  # noqa: E402
+
+qd = torch.ops.quantized_decomposed
+
+
+def batches(model_name):
+    """In range, and ten times beyond the calibrated range (saturation)."""
+    return [inputs(model_name, 0), inputs(model_name, 1, 10.0)]
+
+
+def converted(prepared_cache, model_name, setup_name, **kwargs):
+    return qref.convert_pt2e(prepared_cache.get(model_name, setup_name), **kwargs)
+
+
+def quantize_of(gm, input_name):
+    """The quantize node of the float node ``input_name``."""
+    return next(n for n in gm.graph.nodes if n.op == "call_function" and n.target in QUANTIZE
+                and n.args[0].name == input_name)  # fmt: skip
+
+
+def edited(gm, edit):
+    """A copy of ``gm`` (own tensors, own graph) with ``edit(copy)`` applied."""
+    gm = copy.deepcopy(gm)
+    edit(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+# ---------------------------------------------------------------------------------------------
+# Two converters that agree
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model_name,setup_name,weight_key",
+    [("residual_add", "x86_ptq_pc", "conv2d.weight"),  # per-channel int8 weights, uint8 acts
+     ("cat_branches", "qref_int16", "conv2d.bias")],  # int16 activations, int32 bias  # fmt: skip
+)
+def test_qref_and_torchao_agree_exactly_at_every_point(prepared_cache, model_name, setup_name, weight_key):
+    prepared = prepared_cache.get(model_name, setup_name)
+    reference = qref.convert_pt2e(prepared)
+    candidate = torchao_convert(copy.deepcopy(prepared))
+    result = compare(reference, candidate, batches(model_name))
+    assert result.ok, result.message()
+    assert len(result.points) >= 4 and weight_key in result.points and "x" in result.points
+    assert result.max_lsb == 0 and result.first_divergence is None
+    assert not result.missing and not result.extra
+    assert "matches the reference within exact" in result.message()
+
+
+def test_folded_and_unfolded_weights_share_keys(prepared_cache):
+    """fold_quantize only moves the weight quantize to convert time: same points, same integers."""
+    prepared = prepared_cache.get("mlp", "qref_int8_sym")
+    folded = qref.convert_pt2e(copy.deepcopy(prepared))
+    unfolded = torchao_convert(prepared, fold_quantize=False)
+    result = compare(folded, unfolded, batches("mlp"))
+    assert result.ok, result.message()
+    assert {"linear.weight", "linear.bias", "linear_2.weight"} <= set(result.points)
+    assert result.points["linear.bias"].kind == "weight"
+
+
+def test_quantize_points_leaves_the_graph_alone_and_keys_by_input(prepared_cache):
+    gm = converted(prepared_cache, "mlp", "qref_int8_sym")
+    code, state = gm.code, {k: v.clone() for k, v in gm.state_dict().items()}
+    points = quantize_points(gm, batches("mlp"))
+    assert gm.code == code and all(torch.equal(v, gm.state_dict()[k]) for k, v in state.items())
+    activations = [k for k in points if "." not in k]
+    assert activations == ["x", "relu", "relu_1", "linear_2"]
+    assert points["x"][0].dtype == torch.int8 and points["linear.bias"][0].dtype == torch.int32
+    assert len(points["relu"]) == 2  # one per batch
+
+
+def test_fx_reference_points_read_int_repr():
+    from fixtures.fx_setups import prepared
+
+    model, _ = prepared("mlp", "fbgemm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = qref.convert_to_reference_fx(model)
+        points = quantize_points(reference, batches("mlp"))  # torch.quantize_per_tensor warns
+    assert list(points) == ["x", "fc1", "fc2", "fc3"]
+    assert all(v[0].dtype == torch.uint8 for v in points.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Tampering is caught where it happened
+# ---------------------------------------------------------------------------------------------
+
+
+def test_one_folded_weight_integer_off_by_one(prepared_cache):
+    reference = converted(prepared_cache, "residual_add", "x86_ptq_pc")
+
+    def bump_first_weight(gm):
+        dq = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target in DEQUANTIZE)
+        weight = getattr(gm, dq.args[0].target)
+        weight.view(-1)[5] += 1 if weight.view(-1)[5] < 127 else -1
+
+    result = compare(reference, edited(reference, bump_first_weight), batches("residual_add"))
+    assert not result.ok and result.first_divergence == "conv2d.weight"
+    point = result.points["conv2d.weight"]
+    assert (point.max_lsb, point.differing) == (1, 2)  # one element, seen in each of two batches
+    message = result.message()
+    assert "'conv2d.weight'" in message and "folded constant" in message
+    assert "allowed: 0 LSB" in message and "max over all" in message
+
+
+def test_changed_quantize_scale(prepared_cache):
+    reference = converted(prepared_cache, "residual_add", "x86_ptq_pc")
+
+    def rescale(gm):
+        q = quantize_of(gm, "relu")
+        q.args = (q.args[0], q.args[1] * 1.25, *q.args[2:])
+
+    result = compare(reference, edited(reference, rescale), batches("residual_add"))
+    assert result.first_divergence == "relu" and result.points["x"].ok
+    message = result.message()
+    assert "quantize point 'relu'" in message and "expected" in message and "float input there" in message
+    scale = quantize_of(reference, "relu").args[1]
+    assert f"reference scale={scale:.6g}" in message and f"candidate scale={scale * 1.25:.6g}" in message
+
+
+def test_dropped_qdq_pair_is_missing(prepared_cache):
+    reference = converted(prepared_cache, "mlp", "qref_int8_sym")
+
+    def drop(gm):
+        q = quantize_of(gm, "relu")
+        for dq in list(q.users):
+            dq.replace_all_uses_with(q.args[0])
+            gm.graph.erase_node(dq)
+        gm.graph.erase_node(q)
+
+    result = compare(reference, edited(reference, drop), batches("mlp"))
+    assert result.missing == ("relu",) and not result.ok
+    assert result.first_divergence == "relu"
+    assert "missing in the candidate" in result.message()
+
+
+def shifted_quantize(x, scale, zero_point, quant_min, quant_max, dtype, delta, every):
+    """A converter's own quantize: exact, then ``delta`` steps off on every ``every``-th element."""
+    q = qd.quantize_per_tensor(x, scale, zero_point, quant_min, quant_max, dtype).to(torch.int32)
+    bump = torch.zeros_like(q)
+    bump.view(-1)[::every] = delta
+    return torch.where(q + bump > quant_max, q - bump, q + bump).to(dtype)
+
+
+def shifted_at(reference, input_name, delta, every=1):
+    def replace(gm):
+        q = quantize_of(gm, input_name)
+        with gm.graph.inserting_before(q):
+            new = gm.graph.call_function(shifted_quantize, (*q.args, delta, every))
+        q.replace_all_uses_with(new)
+        gm.graph.erase_node(q)
+
+    return edited(reference, replace)
+
+
+def test_depth_budget(prepared_cache):
+    """mlp: x (input, depth 0) -> relu (1) -> relu_1 (2) -> linear_2 (3) -> output."""
+    reference = converted(prepared_cache, "mlp", "qref_int8_sym")
+    data = batches("mlp")
+    late = shifted_at(reference, "linear_2", delta=2)  # seen through the replaced-callable rule
+    per_requant = Tolerance.depth_budget(1, cause="test: one step per requantization")
+
+    exact = compare(reference, late, data)
+    assert exact.first_divergence == "linear_2" and exact.points["linear_2"].max_lsb == 2
+    assert [exact.points[k].depth for k in ("x", "relu", "relu_1", "linear_2")] == [0, 1, 2, 3]
+
+    budget = compare(reference, late, data, per_requant)
+    assert budget.ok, budget.message()
+    assert budget.points["linear_2"].allowed == 3 and budget.max_lsb == 2 and budget.output_lsb == 2
+    assert not compare(reference, late, data, Tolerance.within(1, cause="test")).ok
+
+    early = compare(reference, shifted_at(reference, "relu", delta=2), data, per_requant)
+    assert early.first_divergence == "relu" and early.points["relu"].allowed == 1
+
+
+def test_off_by_one_fraction(prepared_cache):
+    reference = converted(prepared_cache, "mlp", "qref_int8_sym")
+    data = batches("mlp")
+    quarter = shifted_at(reference, "linear_2", delta=1, every=4)  # 25% of elements one step off
+
+    def tolerance(fraction):
+        return Tolerance.off_by_one(fraction, cause="test: rounding ties")
+
+    ok = compare(reference, quarter, data, tolerance(0.3))
+    assert ok.ok, ok.message()
+    assert ok.max_lsb == 1 and ok.points["linear_2"].differing == ok.points["linear_2"].elements // 4
+    assert compare(reference, quarter, data, tolerance(0.2)).first_divergence == "linear_2"
+    two_off = shifted_at(reference, "linear_2", delta=2, every=4)
+    assert compare(reference, two_off, data, tolerance(0.5)).first_divergence == "linear_2"
+
+
+def test_nan_output_is_named(prepared_cache):
+    reference = converted(prepared_cache, "linear", "qref_int8_sym")
+
+    def nan_scale(gm):
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        dq = output.args[0][0]
+        dq.args = (dq.args[0], float("nan"), *dq.args[2:])
+
+    result = compare(reference, edited(reference, nan_scale), batches("linear"))
+    assert all(p.ok for p in result.points.values())
+    assert result.first_divergence == "output[0]" and result.output_lsb == math.inf
+    assert "NaN in the candidate's output" in result.message()
+
+
+def test_isolation_confines_an_error_to_its_point(prepared_cache):
+    reference = converted(prepared_cache, "mlp", "qref_int8_sym")
+    candidate = shifted_at(reference, "relu", delta=3)
+    spread = compare(reference, candidate, batches("mlp"))
+    isolated = compare(reference, candidate, batches("mlp"), isolate=True)
+    assert spread.failures[:2] == ["relu", "relu_1"]
+    assert isolated.failures == ["relu"] and "isolated" in isolated.message()
+
+
+def test_tolerances_need_a_cause():
+    assert EXACT.allowed(5) == 0 and str(EXACT).startswith("exact")
+    with pytest.raises(ValueError, match="cause"):
+        Tolerance(lsb=1)
+    with pytest.raises(ValueError, match="no kernel contract"):
+        Tolerance.kernel("not-an-engine")
+    kernel = Tolerance.kernel("qnnpack")
+    assert kernel.lsb == 1 and "qnnpack kernel contract" in kernel.cause
+    assert Tolerance.kernel("qnnpack", compounding=True).allowed(3) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowered FX models
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fbgemm_mlp():
+    from fixtures.fx_setups import prepared
+
+    if "fbgemm" not in qref.engines():
+        pytest.skip("fbgemm does not run here")
+    model, _ = prepared("mlp", "fbgemm")
+    with warnings.catch_warnings(), qref.use_engine("fbgemm", threads=1):
+        warnings.simplefilter("ignore")
+        yield qref.convert_to_reference_fx(model), qref.convert_fx(model)
+
+
+def in_range(model_name):
+    """fbgemm's contract needs 7-bit activations: inputs inside the calibrated range."""
+    return [inputs(model_name, 0), inputs(model_name, 1)]
+
+
+def test_lowered_fbgemm_within_kernel_contract(fbgemm_mlp):
+    reference, lowered = fbgemm_mlp
+    with qref.use_engine("fbgemm", threads=1):
+        result = compare_lowered(reference, lowered, in_range("mlp"), Tolerance.kernel("fbgemm"))
+    print(f"\n[mlp fbgemm] {result.message()}")
+    assert result.ok, result.message()
+    assert list(result.points) == ["x", "fc1", "fc2", "fc3"]
+    assert {result.points[k].kind for k in ("fc1", "fc2", "fc3")} == {"module"}
+    assert 0 <= result.max_lsb <= 1 and result.output_lsb is not None
+    assert "fbgemm kernel contract" in result.message()
+
+
+def test_lowered_module_with_wrong_scale(fbgemm_mlp):
+    reference, lowered = fbgemm_mlp
+    lowered = copy.deepcopy(lowered)
+    lowered.fc2.scale = lowered.fc2.scale * 1.5
+    with qref.use_engine("fbgemm", threads=1):
+        result = compare_lowered(reference, lowered, in_range("mlp"), Tolerance.kernel("fbgemm"))
+    assert result.failures == ["fc2"], result.message()  # isolated: fc3 is fed the reference's fc2
+    assert "lowered module 'fc2'" in result.message()
+
+
+def test_lowered_fbgemm_beyond_calibration_leaves_the_contract_for_a_named_cause(fbgemm_mlp):
+    """Ten times the calibrated range: u8 inputs above 127 saturate fbgemm's int16 pair sums."""
+    from qref.engines import known_deviation
+
+    reference, lowered = fbgemm_mlp
+    data = [inputs("mlp", 1, 10.0)]
+    with qref.use_engine("fbgemm", threads=1):
+        result = compare_lowered(reference, lowered, data, Tolerance.kernel("fbgemm"))
+    assert not result.ok and result.max_lsb > 1
+    input_max = max(int(v.max()) for v in quantize_points(reference, data)["x"])
+    cause = known_deviation("fbgemm", reduce_range=True, input_max=input_max, threads=1)
+    assert cause is not None and "pytorch#44939" in cause and "pytorch#44939" in result.message()
