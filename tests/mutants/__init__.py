@@ -1,0 +1,136 @@
+"""Deliberately broken converters: each plants ONE realistic bug, to show the suite catches it.
+
+Every mutant is a plain function with exactly the contract of the converter it replaces
+(``qref.convert_pt2e`` or ``qref.convert_fx``), built on that converter, so that running the
+property suite against it (``--qref-converter tests.mutants.pt2e:round_half_away``) must fail
+somewhere and nowhere else would a difference come from.  ``witness`` names a zoo model and
+setup on which the bug is known to show (``tests/test_mutants_sanity.py`` checks it does).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    flow: str  # "pt2e" | "fx"
+    target: str  # "module:attribute", importable from the repo root
+    bug_class: str
+    description: str
+    # (zoo model, setup name, qat): pt2e setups are qref.quantizers.SETUPS (qat is implied and
+    # repeated here), fx setups are fixtures.fx_setups.SETUPS.
+    witness: tuple[str, str, bool]
+
+    def load(self) -> Callable:
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+def _pt2e(fn: str, bug_class: str, description: str, witness) -> Mutant:
+    return Mutant(fn, "pt2e", f"tests.mutants.pt2e:{fn}", bug_class, description, witness)
+
+
+def _fx(fn: str, bug_class: str, description: str, witness) -> Mutant:
+    return Mutant(fn, "fx", f"tests.mutants.fx:{fn}", bug_class, description, witness)
+
+
+_ALL = [
+    # --- pt2e: numerics of quantize / dequantize --------------------------------------------
+    _pt2e("round_half_away", "rounding",
+          "activation quantize rounds ties away from zero instead of to even "
+          "(torch-xpu-ops std::round vs rint, real-converter-bugs #16)",
+          ("linear", "qref_int8_sym", False)),
+    _pt2e("saturation_wraps", "saturation",
+          "activation quantize casts to the integer dtype without clamping: out-of-range "
+          "values wrap around (pytorch#111471 style overflow)",
+          ("linear", "qref_int8_sym", False)),
+    _pt2e("zero_point_off_by_one", "zero-point",
+          "activation dequantize uses zero_point + 1 (zero point recomputed with another "
+          "rounding than the quantize's)",
+          ("linear", "qref_uint8_hist", False)),
+    _pt2e("large_tensor_tail", "large-tensor",
+          "activation quantize of tensors with more than 4096 elements truncates instead of "
+          "rounding every element past the 4096th (a second kernel chunk on another code path)",
+          ("mobilenet_v2_like", "qref_int8_sym", False)),
+    _pt2e("nondeterministic_scale", "nondeterminism",
+          "every second call nudges one activation scale by 2**-6 (qparams picked by "
+          "set-iteration order / unstable tie-breaking)",
+          ("linear", "qref_int8_sym", False)),
+    # --- pt2e: weights and biases -------------------------------------------------------------
+    _pt2e("per_channel_scales_reversed", "per-channel-axis",
+          "per-channel weight scales applied in reversed channel order (scales indexed "
+          "from the wrong end / along the wrong axis)",
+          ("conv_bn_relu", "qref_int8_sym", False)),
+    _pt2e("per_channel_collapsed", "per-channel-collapsed",
+          "per-channel weight scales collapsed to one per-tensor scale (their max)",
+          ("conv_bn_relu", "qref_int8_sym", False)),
+    _pt2e("grouped_conv_scales_misindexed", "grouped-conv",
+          "per-channel scales of a grouped conv (groups > 1) indexed group-major instead of "
+          "channel-major (real-converter-bugs #4, pytorch#180995 family)",
+          ("grouped_conv", "qref_int8_sym", False)),
+    _pt2e("bias_scale_input_only", "bias-scale",
+          "int32 bias quantized with the input scale only instead of input_scale * "
+          "weight_scale (P-BIAS)",
+          ("conv_bn_relu", "qref_int8_sym", False)),
+    # --- pt2e: QAT conv-bn folding ------------------------------------------------------------
+    _pt2e("bn_running_mean_ignored", "bn-running-mean",
+          "QAT conv-bn fold ignores the BN running mean (folds as if it were 0)",
+          ("conv_bn_relu", "qref_int8_sym_qat", True)),
+    _pt2e("conv_bias_added_twice", "bn-conv-bias-twice",
+          "QAT conv-bn fold adds the conv bias twice (pytorch#48514)",
+          ("conv_bn_relu", "qref_int8_sym_qat", True)),
+    _pt2e("folded_weights_written_back", "input-mutated",
+          "folded QAT weights are written into the prepared model's own parameters "
+          "(in-place fold through shared tensors; pytorch#104593, ao PR #2795)",
+          ("conv_bn_relu", "qref_int8_sym_qat", True)),
+    # --- pt2e: graph structure and contract ----------------------------------------------------
+    _pt2e("dropped_qdq", "dropped-qdq",
+          "the q/dq pair on one intermediate activation is dropped (a pattern not matched, "
+          "cf. pytorch#99524)",
+          ("conv_bn_relu", "qref_int8_sym", False)),
+    _pt2e("observer_left", "observer-left",
+          "one activation observer is left in the converted graph instead of becoming q/dq",
+          ("linear", "qref_int8_sym", False)),
+    _pt2e("shared_dequantize", "duplicate-dq-skipped",
+          "a dequantize used by several quantized ops stays shared (DuplicateDQ undone by a "
+          "CSE; pytorch PR #103759)",
+          ("residual_add", "x86_ptq_pc", False)),
+    _pt2e("metadata_lost", "metadata",
+          "q/dq nodes do not inherit stack_trace / quantization_tag from the ops they quantize",
+          ("linear", "qref_int8_sym", False)),
+    _pt2e("fold_quantize_ignored", "flag-fold-quantize-ignored",
+          "fold_quantize=False is ignored: weights are always folded to integer constants",
+          ("linear", "qref_int8_sym", False)),
+    _pt2e("reference_representation_ignored", "flag-reference-representation-ignored",
+          "use_reference_representation=True is ignored: the q/dq form is always returned",
+          ("linear", "qref_int8_sym", False)),
+    # --- fx ------------------------------------------------------------------------------------
+    _fx("output_scale_off", "kernel-output-scale",
+        "lowered quantized modules get output scale * (1 + 2**-10)",
+        ("mlp", "fbgemm", False)),
+    _fx("none_qconfig_ignored", "qconfig-mapping-none",
+        "None entries of convert_fx's qconfig_mapping are ignored: skipped modules are "
+        "quantized anyway",
+        ("conv_bn_relu", "fbgemm_skip", False)),
+    _fx("qconfig_kept", "remove-qconfig-ignored",
+        "_remove_qconfig is ignored: converted modules keep the qconfig of the modules they "
+        "replace",
+        ("conv_bn_relu", "fbgemm", False)),
+    _fx("preserved_attributes_dropped", "preserved-attributes",
+        "convert_custom_config's preserved_attributes are dropped",
+        ("linear", "fbgemm", False)),
+    _fx("backend_config_ignored", "backend-config-ignored",
+        "backend_config is ignored: the native backend config is always used",
+        ("linear", "fbgemm", False)),
+    _fx("bn_eps_default", "bn-eps",
+        "QAT conv-bn fold uses BatchNorm's default eps 1e-5 instead of the module's eps",
+        ("conv_bn_relu", "fbgemm", True)),
+]
+
+MUTANTS: dict[str, Mutant] = {m.name: m for m in _ALL}
+
+__all__ = ["MUTANTS", "Mutant"]

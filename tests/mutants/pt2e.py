@@ -1,0 +1,303 @@
+"""Broken pt2e converters: ``qref.convert_pt2e`` with one realistic bug each (see MUTANTS).
+
+Contract of each: ``fn(model, use_reference_representation=False, fold_quantize=True)``.
+Numeric edits are made on the q/dq graph before weights are folded (``convert_and_edit``), so
+both flags keep working; only the planted bug differs from qref.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from unittest import mock
+
+import torch
+
+import qref
+import qref.pt2e.fold_qat_bn as _fold_qat_bn
+from qref.observers import is_observer
+from qref.pt2e.ops import DEQUANTIZE, QUANTIZE, is_call, schema_arguments
+
+from ._graph import (
+    activation_quantizes,
+    attr,
+    convert_and_edit,
+    dequantizes_of,
+    reference_quantize,
+    set_args,
+    weight_quantizes,
+)
+
+# --- numerics of activation quantize / dequantize ----------------------------------------------
+
+
+def quantize_half_away(input, scale, zero_point, quant_min, quant_max, dtype):
+    """quantize_per_tensor with round-half-away-from-zero (C's round) instead of half-to-even."""
+    v = input * (1.0 / scale)
+    rounded = torch.sign(v) * torch.floor(v.abs() + 0.5)
+    return torch.clamp(rounded + zero_point, quant_min, quant_max).to(dtype)
+
+
+def quantize_wrapping(input, scale, zero_point, quant_min, quant_max, dtype):
+    """quantize_per_tensor whose integer cast wraps modulo the range instead of clamping."""
+    q = torch.round(input * (1.0 / scale)).to(torch.int64) + zero_point
+    return ((q - quant_min) % (quant_max - quant_min + 1) + quant_min).to(dtype)
+
+
+def quantize_truncated_tail(input, scale, zero_point, quant_min, quant_max, dtype):
+    """quantize_per_tensor that truncates instead of rounding past the first 4096 elements
+    (the second chunk of a parallel kernel takes a truncating conversion path)."""
+    out = reference_quantize(input, scale, zero_point, quant_min, quant_max, dtype)
+    if input.numel() > 4096:
+        flat = out.reshape(-1).clone()
+        tail = torch.trunc(input.reshape(-1)[4096:] * (1.0 / scale)) + zero_point
+        flat[4096:] = torch.clamp(tail, quant_min, quant_max).to(dtype)
+        out = flat.reshape(out.shape)
+    return out
+
+
+def _retarget_activation_quantizes(fn):
+    def edit(gm):
+        for q in activation_quantizes(gm):
+            q.target = fn
+
+    return edit
+
+
+def round_half_away(model, use_reference_representation=False, fold_quantize=True):
+    """Ties round away from zero (torch-xpu-ops std::round instead of rint; real-converter-bugs #16)."""
+    edit = _retarget_activation_quantizes(quantize_half_away)
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+def saturation_wraps(model, use_reference_representation=False, fold_quantize=True):
+    """Out-of-range activations wrap instead of saturating (integer cast overflow, pytorch#111471)."""
+    edit = _retarget_activation_quantizes(quantize_wrapping)
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+def large_tensor_tail(model, use_reference_representation=False, fold_quantize=True):
+    """Only tensors with more than 4096 elements go wrong: elements past the 4096th are truncated."""
+    edit = _retarget_activation_quantizes(quantize_truncated_tail)
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+def zero_point_off_by_one(model, use_reference_representation=False, fold_quantize=True):
+    """The activation dequantize reads zero_point + 1 (q and dq compute the zero point differently)."""
+
+    def edit(gm):
+        for q in activation_quantizes(gm):
+            for dq in dequantizes_of(q):
+                set_args(dq, zero_point=schema_arguments(dq)["zero_point"] + 1)
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+_CALLS = itertools.count()
+
+
+def nondeterministic_scale(model, use_reference_representation=False, fold_quantize=True):
+    """Every second call nudges one activation scale (qparams chosen by unstable ordering)."""
+    odd_call = next(_CALLS) % 2 == 1
+
+    def edit(gm):
+        quantizes = activation_quantizes(gm)
+        if odd_call and quantizes:
+            q = quantizes[0]
+            scale = schema_arguments(q)["scale"] * (1 + 2**-6)
+            for node in [q, *dequantizes_of(q)]:
+                set_args(node, scale=scale)
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+# --- weights and biases -------------------------------------------------------------------------
+
+
+def _edit_weight_scales(change):
+    """Apply ``change(scale_tensor, quantize_node)`` to each per-channel weight's scale buffer
+    (shared by the weight's quantize and dequantize, so both see it)."""
+
+    def edit(gm):
+        for q in weight_quantizes(gm):
+            scale = attr(gm, q.args[1])
+            scale.copy_(change(scale, q))
+
+    return edit
+
+
+def per_channel_scales_reversed(model, use_reference_representation=False, fold_quantize=True):
+    """Per-channel weight scales applied in reversed channel order (read along the wrong axis end)."""
+    edit = _edit_weight_scales(lambda scale, q: scale.flip(0))
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+def per_channel_collapsed(model, use_reference_representation=False, fold_quantize=True):
+    """Per-channel weight scales collapsed to one per-tensor scale (the max over channels)."""
+    edit = _edit_weight_scales(lambda scale, q: torch.full_like(scale, scale.max().item()))
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+def _groups_of_weight(q) -> int:
+    for dq in dequantizes_of(q):
+        for conv in dq.users:
+            if conv.op == "call_function" and "groups" in schema_arguments(conv):
+                return schema_arguments(conv)["groups"]
+    return 1
+
+
+def _group_major(scale, q):
+    groups = _groups_of_weight(q)
+    per_group = scale.numel() // groups  # channel c = g * per_group + j  ->  read j * groups + g
+    return scale.reshape(per_group, groups).t().reshape(-1) if groups > 1 else scale
+
+
+def grouped_conv_scales_misindexed(model, use_reference_representation=False, fold_quantize=True):
+    """Grouped convs (groups > 1) read their per-channel scales group-major (cf. pytorch#180995)."""
+    edit = _edit_weight_scales(_group_major)
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+def bias_scale_input_only(model, use_reference_representation=False, fold_quantize=True):
+    """The int32 bias is quantized with the input scale only, not input_scale * weight_scale."""
+
+    def edit(gm):
+        for op in [n for n in gm.graph.nodes if n.op == "call_function" and hasattr(n.target, "_schema")]:
+            args = schema_arguments(op)
+            bias, x = args.get("bias"), args.get("input")
+            if not all(isinstance(n, torch.fx.Node) and is_call(n, DEQUANTIZE) for n in (bias, x)):
+                continue
+            if bias.args[-2] != 2**31 - 1:  # an int32 bias (quant_max), not a float one
+                continue
+            input_scale = schema_arguments(x)["scale"]  # a literal: activations are per-tensor
+            for node in (bias.args[0], bias):  # the bias quantize (not yet folded) and dequantize
+                if isinstance(node.args[1], torch.fx.Node):
+                    attr(gm, node.args[1]).fill_(input_scale)  # per-channel scale buffer
+                else:
+                    set_args(node, scale=input_scale)
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+# --- QAT conv-bn folding ------------------------------------------------------------------------
+
+
+def _with_fold(change, model, use_reference_representation, fold_quantize):
+    """qref.convert_pt2e with the QAT fold's weight arithmetic replaced by ``change``."""
+    real = _fold_qat_bn.fold_conv_bn_weights
+
+    def broken(conv_w, conv_b, bn_rm, bn_rv, eps, bn_w, bn_b, **kw):
+        return real(*change(conv_w, conv_b, bn_rm, bn_rv, eps, bn_w, bn_b), **kw)
+
+    with mock.patch.object(_fold_qat_bn, "fold_conv_bn_weights", broken):
+        return qref.convert_pt2e(model, use_reference_representation, fold_quantize)
+
+
+def bn_running_mean_ignored(model, use_reference_representation=False, fold_quantize=True):
+    """The QAT conv-bn fold ignores the BN running mean (folds as if it were zero)."""
+
+    def change(w, b, rm, rv, eps, gamma, beta):
+        return w, b, torch.zeros_like(rm), rv, eps, gamma, beta
+
+    return _with_fold(change, model, use_reference_representation, fold_quantize)
+
+
+def conv_bias_added_twice(model, use_reference_representation=False, fold_quantize=True):
+    """The QAT conv-bn fold adds the conv bias twice (pytorch#48514, fixed by PR #48661)."""
+
+    def change(w, b, rm, rv, eps, gamma, beta):
+        return w, (None if b is None else 2 * b), rm, rv, eps, gamma, beta
+
+    return _with_fold(change, model, use_reference_representation, fold_quantize)
+
+
+def folded_weights_written_back(model, use_reference_representation=False, fold_quantize=True):
+    """The fold writes through to the prepared model's parameters (pytorch#104593, ao PR #2795)."""
+
+    def set_in_place(gm, target, value, requires_grad):
+        try:
+            existing = _fold_qat_bn._get(gm, target)  # still shared with the prepared model
+        except AttributeError:  # a new bias: nothing to write through
+            return real_set(gm, target, value, requires_grad)
+        with torch.no_grad():
+            existing.copy_(value)
+
+    real_set = _fold_qat_bn._set_param
+    with mock.patch.object(_fold_qat_bn, "_set_param", set_in_place):
+        return qref.convert_pt2e(model, use_reference_representation, fold_quantize)
+
+
+# --- graph structure and contract ---------------------------------------------------------------
+
+
+def dropped_qdq(model, use_reference_representation=False, fold_quantize=True):
+    """The q/dq pair of one intermediate activation is missing (a pattern not matched, pytorch#99524)."""
+
+    def edit(gm):
+        inner = [q for q in activation_quantizes(gm) if q.args[0].op != "placeholder"]
+        if inner:
+            q = inner[0]
+            for dq in dequantizes_of(q):
+                dq.replace_all_uses_with(q.args[0])
+                gm.graph.erase_node(dq)
+            gm.graph.erase_node(q)
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+def observer_left(model, use_reference_representation=False, fold_quantize=True):
+    """One activation observer stays in the converted graph instead of becoming a q/dq pair."""
+    observer_of = {
+        n.args[0].name: n.target for n in model.graph.nodes
+        if n.op == "call_module" and is_observer(model.get_submodule(n.target))
+    }
+
+    def edit(gm):
+        for q in activation_quantizes(gm):
+            target = observer_of.get(q.args[0].name)
+            if target is not None:
+                gm.add_submodule(target, copy.deepcopy(model.get_submodule(target)))
+                with gm.graph.inserting_before(q):
+                    observed = gm.graph.call_module(target, (q.args[0],))
+                for dq in dequantizes_of(q):
+                    dq.replace_all_uses_with(observed)
+                return
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+def shared_dequantize(model, use_reference_representation=False, fold_quantize=True):
+    """A dequantize stays shared by several quantized ops: a CSE pass undoes DuplicateDQ (PR #103759)."""
+    converted = qref.convert_pt2e(model, use_reference_representation, fold_quantize)
+    graph = converted.graph
+    for q in list(graph.nodes):
+        first = {}
+        for dq in [u for u in q.users if is_call(u, DEQUANTIZE)]:
+            key = (dq.target, dq.args[1:], tuple(dq.kwargs.items()))
+            if key in first:
+                dq.replace_all_uses_with(first[key])
+                graph.erase_node(dq)
+            else:
+                first[key] = dq
+    converted.recompile()
+    return converted
+
+
+def metadata_lost(model, use_reference_representation=False, fold_quantize=True):
+    """q/dq nodes get no stack_trace / quantization_tag from the ops they quantize (step skipped)."""
+    converted = qref.convert_pt2e(model, use_reference_representation, fold_quantize)
+    for node in converted.graph.nodes:
+        if is_call(node, QUANTIZE + DEQUANTIZE) or node.name.startswith(("quantize_", "dequantize_")):
+            node.meta.pop("stack_trace", None)
+            node.meta.pop("quantization_tag", None)
+    return converted
+
+
+def fold_quantize_ignored(model, use_reference_representation=False, fold_quantize=True):
+    """fold_quantize is ignored: weights are always folded to integer constants."""
+    return qref.convert_pt2e(model, use_reference_representation, fold_quantize=True)
+
+
+def reference_representation_ignored(model, use_reference_representation=False, fold_quantize=True):
+    """use_reference_representation is ignored: the q/dq form is always returned."""
+    return qref.convert_pt2e(model, use_reference_representation=False, fold_quantize=fold_quantize)

@@ -1,0 +1,373 @@
+"""The mutants in tests/mutants/ are usable and really plant their bug.
+
+For each mutant: its target imports, its signature is the contract of the converter it replaces,
+and on its witness (zoo model, setup) the result differs from qref's in the planted way, and
+(where the bug is conditional) not elsewhere.  A mutant that silently stopped planting its bug
+would make the property suite look stronger than it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import itertools
+
+import pytest
+import torch
+from torch import fx, nn
+
+import qref
+from fixtures import fx_setups
+from fixtures.prepare import calibration_inputs, inputs, observer_nodes
+from fixtures.zoo import ZOO
+from qref.observers import is_observer
+from qref.pt2e.ops import DEQUANTIZE, QUANTIZE, is_call, real_users, schema_arguments
+from tests.mutants import MUTANTS
+from tests.mutants._graph import activation_quantizes, attr
+
+qd = torch.ops.quantized_decomposed
+REFERENCE = {"pt2e": qref.convert_pt2e, "fx": qref.convert_fx}
+
+
+def _contract(fn):
+    """Parameters as (name, kind, default); the model comes first, positionally, under any name
+    (qref.convert_fx calls it ``graph_module`` like torch, the brief's contract ``model``)."""
+    first, *rest = inspect.signature(fn).parameters.values()
+    return [(first.kind, first.default)] + [(p.name, p.kind, p.default) for p in rest]
+
+
+def _run(gm, batches):
+    with torch.no_grad():
+        return [gm(*batch) for batch in batches]
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+# --- the registry and the contract ---------------------------------------------------------------
+
+
+def test_registry_covers_enough_distinct_bug_classes():
+    mutants = list(MUTANTS.values())
+    assert len(mutants) >= 18
+    assert sum(m.flow == "fx" for m in mutants) >= 4
+    classes = [m.bug_class for m in mutants]
+    assert len(set(classes)) == len(classes), "one bug class per mutant"
+    assert set(MUTANTS) == set(PLANTED), "every mutant has a witness check below"
+
+
+@pytest.mark.parametrize("name", MUTANTS)
+def test_importable_with_the_converter_contract(name):
+    mutant = MUTANTS[name]
+    fn = mutant.load()
+    assert mutant.target.startswith(f"tests.mutants.{mutant.flow}:")
+    assert _contract(fn) == _contract(REFERENCE[mutant.flow])
+    doc = (fn.__doc__ or "").strip()
+    assert doc and "\n" not in doc, "a one-line docstring naming the bug"
+    model, setup, qat = mutant.witness
+    assert model in ZOO
+    if mutant.flow == "pt2e":
+        from qref.quantizers import SETUPS
+
+        assert SETUPS[setup].is_qat == qat
+    else:
+        assert fx_setups.unsupported(ZOO[model], fx_setups.SETUPS[setup], qat) is None
+
+
+@pytest.mark.parametrize(
+    "name", [n for n, m in MUTANTS.items() if m.flow == "pt2e" and m.witness[0] != "mobilenet_v2_like"]
+)
+def test_pt2e_mutant_accepts_every_flag_combination(name, prepared_cache):
+    mutant = MUTANTS[name]
+    model, setup, _ = mutant.witness
+    for ref, fold in itertools.product([False, True], repeat=2):
+        out = mutant.load()(prepared_cache.get(model, setup), ref, fold)
+        assert isinstance(out, fx.GraphModule)
+        _run(out, [inputs(model, 0)])
+
+
+# --- each mutant plants its bug on its witness -----------------------------------------------------
+
+
+class Pt2eWitness:
+    """The mutant's and qref's conversions of the witness (fresh prepared copies for each)."""
+
+    def __init__(self, mutant, cache, **flags):
+        self.mutant, self.cache, self.flags = mutant, cache, flags
+        self.model_name, self.setup, _ = mutant.witness
+        self.ours = qref.convert_pt2e(self.prepared(), **flags)
+        self.theirs = mutant.load()(self.prepared(), **flags)
+
+    def prepared(self, model_name=None):
+        return self.cache.get(model_name or self.model_name, self.setup)
+
+    def calibration(self):  # inside the observed ranges (prepare uses seed 0, 4 batches)
+        return calibration_inputs(self.model_name, 0, 4)
+
+    def outputs_differ(self, batches=None) -> bool:
+        batches = batches or [inputs(self.model_name, s) for s in range(3)]
+        return not _same(_run(self.ours, batches), _run(self.theirs, batches))
+
+    def same_elsewhere(self, model_name, setup=None) -> bool:
+        """On another (model, setup) the mutant agrees with qref exactly."""
+        setup = setup or self.setup
+        a = qref.convert_pt2e(self.cache.get(model_name, setup), **self.flags)
+        b = self.mutant.load()(self.cache.get(model_name, setup), **self.flags)
+        batches = [inputs(model_name, s) for s in range(3)]
+        return _same(_run(a, batches), _run(b, batches))
+
+
+def _weight_scales(gm):
+    """Scale buffers of the int8 per-channel weight dequantizes, in graph order."""
+    return [attr(gm, n.args[1]) for n in gm.graph.nodes
+            if is_call(n, (qd.dequantize_per_channel.default,)) and n.args[-2] != 2**31 - 1]  # fmt: skip
+
+
+def _int32_bias_scales(gm):
+    return [attr(gm, n.args[1]) for n in gm.graph.nodes
+            if is_call(n, (qd.dequantize_per_channel.default,)) and n.args[-2] == 2**31 - 1]  # fmt: skip
+
+
+def check_round_half_away(w: Pt2eWitness):
+    q = activation_quantizes(w.ours)[0]  # quantizes the model input
+    scale = schema_arguments(q)["scale"]
+    halves = torch.arange(-40, 40, dtype=torch.float32) + 0.5
+    x = halves * scale
+    ties = x[x * (1.0 / scale) == halves]  # exact ties in float32, as the quantize computes them
+    assert (ties * (1.0 / scale)).floor().remainder(2).eq(0).sum() >= 4, "ties where even != away"
+    shape = inputs(w.model_name, 0)[0].shape
+    tie_batch = (ties.repeat(shape.numel() // ties.numel() + 1)[: shape.numel()].reshape(shape),)
+    assert not w.outputs_differ(w.calibration())
+    assert w.outputs_differ([tie_batch])
+
+
+def check_saturation_wraps(w: Pt2eWitness):
+    inside = [tuple(0.5 * x for x in batch) for batch in w.calibration()]
+    assert not w.outputs_differ(inside)
+    assert w.outputs_differ([inputs(w.model_name, 0, scale=100.0)])
+
+
+def check_zero_point_off_by_one(w: Pt2eWitness):
+    q = activation_quantizes(w.theirs)[0]
+    dq = next(u for u in q.users if is_call(u, DEQUANTIZE))
+    assert schema_arguments(dq)["zero_point"] == schema_arguments(q)["zero_point"] + 1
+    assert w.outputs_differ()
+
+
+def check_large_tensor_tail(w: Pt2eWitness):
+    assert w.outputs_differ([inputs(w.model_name, 0)])  # one batch: the witness is the big model
+    assert w.same_elsewhere("conv_bn_relu")  # no activation there has more than 4096 elements
+
+
+def check_nondeterministic_scale(w: Pt2eWitness):
+    again = w.mutant.load()(w.prepared())
+    batches = [inputs(w.model_name, s) for s in range(3)]
+    assert not _same(_run(w.theirs, batches), _run(again, batches))
+
+
+def check_per_channel_scales_reversed(w: Pt2eWitness):
+    pairs = list(zip(_weight_scales(w.ours), _weight_scales(w.theirs), strict=True))
+    assert pairs and all(torch.equal(b, a.flip(0)) for a, b in pairs)
+    assert w.outputs_differ()
+
+
+def check_per_channel_collapsed(w: Pt2eWitness):
+    pairs = list(zip(_weight_scales(w.ours), _weight_scales(w.theirs), strict=True))
+    assert pairs and all(torch.equal(b, torch.full_like(a, a.max().item())) for a, b in pairs)
+    assert w.outputs_differ()
+
+
+def check_grouped_conv_scales_misindexed(w: Pt2eWitness):
+    assert w.outputs_differ()
+    assert w.same_elsewhere("conv_bn_relu")  # groups == 1
+    assert w.same_elsewhere("depthwise_conv")  # one channel per group: the same index
+
+
+def check_bias_scale_input_only(w: Pt2eWitness):
+    input_scale = schema_arguments(activation_quantizes(w.ours)[0])["scale"]
+    ours, theirs = _int32_bias_scales(w.ours), _int32_bias_scales(w.theirs)
+    assert ours and torch.all(theirs[0] == input_scale) and not torch.equal(ours[0], theirs[0])
+    assert w.outputs_differ()
+
+
+def check_qat_fold_bug(w: Pt2eWitness):
+    assert w.outputs_differ()
+    assert w.same_elsewhere(w.model_name, "qref_int8_sym")  # PTQ: no QAT fold, no bug
+
+
+def check_folded_weights_written_back(w: Pt2eWitness):
+    def mutated_by(convert) -> list[str]:
+        model = w.prepared()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        convert(model)
+        return [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+
+    assert mutated_by(qref.convert_pt2e) == []
+    assert "conv1.weight" in mutated_by(w.mutant.load())
+
+
+def check_dropped_qdq(w: Pt2eWitness):
+    def count(gm):
+        return sum(is_call(n, QUANTIZE) for n in gm.graph.nodes)
+
+    assert count(w.theirs) == count(w.ours) - 1
+    assert w.outputs_differ()
+
+
+def check_observer_left(w: Pt2eWitness):
+    assert observer_nodes(w.ours) == []
+    assert len(observer_nodes(w.theirs)) == 1
+    assert any(is_observer(m) for m in w.theirs.modules())
+
+
+def check_shared_dequantize(w: Pt2eWitness):
+    def shared(gm):
+        return [n for n in gm.graph.nodes if is_call(n, DEQUANTIZE) and len(real_users(n)) > 1]
+
+    assert shared(w.ours) == [] and shared(w.theirs)
+    assert not w.outputs_differ()
+
+
+def check_metadata_lost(w: Pt2eWitness):
+    def with_trace(gm):
+        return [n.name for n in gm.graph.nodes
+                if n.name.startswith(("quantize_", "dequantize_")) and "stack_trace" in n.meta]  # fmt: skip
+
+    assert with_trace(w.ours) and not with_trace(w.theirs)
+    assert not w.outputs_differ()
+
+
+def check_fold_quantize_ignored(w: Pt2eWitness):
+    def weight_quantizes(gm):
+        return [n for n in gm.graph.nodes if is_call(n, (qd.quantize_per_channel.default,))]
+
+    ours = qref.convert_pt2e(w.prepared(), fold_quantize=False)
+    theirs = w.mutant.load()(w.prepared(), fold_quantize=False)
+    assert weight_quantizes(ours) and not weight_quantizes(theirs)
+    assert w.ours.code == w.theirs.code  # the default (True) is honoured
+
+
+def check_reference_representation_ignored(w: Pt2eWitness):
+    ours = qref.convert_pt2e(w.prepared(), use_reference_representation=True)
+    theirs = w.mutant.load()(w.prepared(), use_reference_representation=True)
+    assert ours.code != theirs.code and theirs.code == w.ours.code
+
+
+# --- fx ----------------------------------------------------------------------------------------
+
+
+class FxWitness:
+    def __init__(self, mutant):
+        self.mutant = mutant
+        self.model_name, self.setup_name, self.qat = mutant.witness
+        self.setup = fx_setups.SETUPS[self.setup_name]
+
+    def prepared(self):
+        return copy.deepcopy(fx_setups.prepared(self.model_name, self.setup_name, self.qat)[0])
+
+    def batches(self):
+        return [ZOO[self.model_name].example_inputs(torch.Generator().manual_seed(100 + s)) for s in range(3)]
+
+    def both(self, **kwargs):
+        """(qref.convert_fx, mutant) on fresh copies of the prepared witness, same arguments."""
+        ours = qref.convert_fx(self.prepared(), **copy.deepcopy(kwargs))
+        return ours, self.mutant.load()(self.prepared(), **copy.deepcopy(kwargs))
+
+
+def check_output_scale_off(w: FxWitness):
+    ours, theirs = w.both()
+    pairs = [(a.scale, b.scale) for a, b in zip(ours.modules(), theirs.modules())
+             if isinstance(getattr(a, "scale", None), float)]  # fmt: skip
+    assert pairs and all(b == a * (1 + 2**-10) for a, b in pairs)
+
+
+def check_none_qconfig_ignored(w: FxWitness):
+    mapping = w.setup.convert_mapping(w.setup.mapping(w.qat), w.prepared())
+    ours, theirs = w.both(qconfig_mapping=mapping)
+    first = "conv1"  # the first weighted module is skipped (None) by fbgemm_skip's convert mapping
+    assert type(getattr(ours, first)) in (nn.Conv2d, torch.ao.nn.intrinsic.ConvReLU2d)
+    assert type(getattr(theirs, first)).__module__.startswith("torch.ao.nn.intrinsic.quantized")
+    assert not _same(_run(ours, w.batches()), _run(theirs, w.batches()))
+
+
+def check_qconfig_kept(w: FxWitness):
+    ours, theirs = w.both()
+
+    def with_qconfig(gm):
+        return [name for name, m in gm.named_modules() if getattr(m, "qconfig", None) is not None]
+
+    assert with_qconfig(ours) == [] and with_qconfig(theirs)
+
+
+def check_preserved_attributes_dropped(w: FxWitness):
+    from torch.ao.quantization.fx.custom_config import ConvertCustomConfig
+
+    config = ConvertCustomConfig().set_preserved_attributes(["my_flag"])
+
+    def flagged():
+        model = w.prepared()
+        model.my_flag = 7
+        return model
+
+    assert qref.convert_fx(flagged(), convert_custom_config=config).my_flag == 7
+    assert not hasattr(w.mutant.load()(flagged(), convert_custom_config=config), "my_flag")
+    assert config.preserved_attributes == ["my_flag"]  # the caller's config is not touched
+
+
+def check_backend_config_ignored(w: FxWitness):
+    from torch.ao.quantization.backend_config import BackendConfig, get_native_backend_config
+
+    keep = [c for c in get_native_backend_config().configs
+            if c.pattern not in (nn.Linear, torch.nn.functional.linear)]  # fmt: skip
+    no_linear = BackendConfig("no_linear").set_backend_pattern_configs(keep)
+    ours, theirs = w.both(backend_config=no_linear)
+    assert type(ours.fc) is nn.Linear
+    assert type(theirs.fc) is torch.ao.nn.quantized.Linear
+
+
+def check_bn_eps_default(w: FxWitness):
+    model = w.prepared()
+    eps = [m.eps for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert any(e != 1e-5 for e in eps), "the witness must have a non-default eps"
+    ours, theirs = w.both()
+    assert not _same(_run(ours, w.batches()), _run(theirs, w.batches()))
+    w.mutant.load()(model)
+    assert [m.eps for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] == eps
+
+
+PLANTED = {
+    "round_half_away": check_round_half_away,
+    "saturation_wraps": check_saturation_wraps,
+    "zero_point_off_by_one": check_zero_point_off_by_one,
+    "large_tensor_tail": check_large_tensor_tail,
+    "nondeterministic_scale": check_nondeterministic_scale,
+    "per_channel_scales_reversed": check_per_channel_scales_reversed,
+    "per_channel_collapsed": check_per_channel_collapsed,
+    "grouped_conv_scales_misindexed": check_grouped_conv_scales_misindexed,
+    "bias_scale_input_only": check_bias_scale_input_only,
+    "bn_running_mean_ignored": check_qat_fold_bug,
+    "conv_bias_added_twice": check_qat_fold_bug,
+    "folded_weights_written_back": check_folded_weights_written_back,
+    "dropped_qdq": check_dropped_qdq,
+    "observer_left": check_observer_left,
+    "shared_dequantize": check_shared_dequantize,
+    "metadata_lost": check_metadata_lost,
+    "fold_quantize_ignored": check_fold_quantize_ignored,
+    "reference_representation_ignored": check_reference_representation_ignored,
+    "output_scale_off": check_output_scale_off,
+    "none_qconfig_ignored": check_none_qconfig_ignored,
+    "qconfig_kept": check_qconfig_kept,
+    "preserved_attributes_dropped": check_preserved_attributes_dropped,
+    "backend_config_ignored": check_backend_config_ignored,
+    "bn_eps_default": check_bn_eps_default,
+}
+
+
+@pytest.mark.parametrize("name", MUTANTS)
+def test_mutant_plants_its_bug_on_its_witness(name, prepared_cache):
+    mutant = MUTANTS[name]
+    if mutant.flow == "pt2e":
+        PLANTED[name](Pt2eWitness(mutant, prepared_cache))
+    else:
+        PLANTED[name](FxWitness(mutant))
