@@ -1,0 +1,303 @@
+"""Whole conversion cases: a model spec, a setup, calibration batches and evaluation inputs.
+
+:func:`cases` draws a :class:`Case`.  ``case.prepared()`` is a fresh prepared and calibrated
+model (export/trace + prepare + calibration run once per distinct case and are cached; every
+call returns a deep copy, so a converter may mutate it):
+
+* pt2e PTQ: ``torch.export.export(model.eval(), inputs).module()`` -> ``prepare_pt2e`` ->
+  calibration under ``torch.no_grad()``.
+* pt2e QAT: export in train mode -> ``prepare_qat_pt2e`` -> calibration forward passes in
+  train mode (BN statistics and fake-quant observers update; no backward).  Returned in
+  train mode, as torchao's QAT tutorial hands it to ``convert_pt2e``.
+* fx: ``prepare_fx(model.eval(), ...)`` / ``prepare_qat_fx(model.train(), ...)`` with the
+  setup's ``QConfigMapping`` and ``BackendConfig``, then calibration; QAT models are put in
+  eval mode afterwards (as ``fixtures.fx_setups`` does).
+
+Calibration tensors are built from a few drawn floats (a drawn base of 1-8 values, an
+amplitude and an offset, spread over the tensor by a drawn index seed), so they shrink to
+constant and zero tensors.  Evaluation inputs are: fresh values inside the calibrated range,
+the same values x4..x100 (outside it: saturation), all zeros, and half-steps of a power of two
+(rounding ties for that scale).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import threading
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from hypothesis import strategies as st
+
+from qref.strategies.models import ModelSpec, model_specs
+from qref.strategies.setups import QuantSetup, quant_setups
+
+__all__ = ["Case", "cases", "calibration_batches", "prepare_case"]
+
+
+# ---------------------------------------------------------------------------- preparation
+
+_CACHE_SIZE = 64
+_cache: "collections.OrderedDict[tuple, torch.nn.Module]" = collections.OrderedDict()
+_export_cache: "collections.OrderedDict[tuple, torch.nn.Module]" = collections.OrderedDict()
+_lock = threading.Lock()
+
+
+def _lru_get(store, key):
+    with _lock:
+        if key in store:
+            store.move_to_end(key)
+            return store[key]
+    return None
+
+
+def _lru_put(store, key, value) -> None:
+    with _lock:
+        store[key] = value
+        store.move_to_end(key)
+        while len(store) > _CACHE_SIZE:
+            store.popitem(last=False)
+
+
+def _tensor_bytes(batches) -> bytes:
+    return b"".join(t.contiguous().numpy().tobytes() + repr(tuple(t.shape)).encode()
+                    for args in batches for t in args)
+
+
+def _exported(spec: ModelSpec, train: bool, example: tuple):
+    from qref._quiet import silence_noise
+
+    silence_noise()
+    key = (repr(spec), train, tuple(tuple(t.shape) for t in example))
+    gm = _lru_get(_export_cache, key)
+    if gm is None:
+        model = spec.build()
+        model = model.train() if train else model.eval()
+        gm = torch.export.export(model, example).module()
+        _lru_put(_export_cache, key, gm)
+    return copy.deepcopy(gm)
+
+
+def prepare_case(spec: ModelSpec, setup: QuantSetup, calibration) -> torch.nn.Module:
+    """Export/trace, prepare and calibrate (uncached; :meth:`Case.prepared` caches it)."""
+    from qref._quiet import silence_noise
+
+    silence_noise()
+    calibration = [tuple(args) for args in calibration]
+    example = calibration[0]
+    if setup.flow == "pt2e":
+        from qref import _torchao_patterns
+
+        _torchao_patterns.enable()  # memoised torchao pattern exports: fast prepare_qat_pt2e
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
+
+        gm = _exported(spec, setup.qat, example)
+        prepared = (prepare_qat_pt2e if setup.qat else prepare_pt2e)(gm, setup.quantizer())
+        with torch.no_grad():
+            for args in calibration:
+                prepared(*args)
+        return prepared
+    from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
+
+    model = spec.build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FX deprecation notices
+        if setup.qat:
+            prepared = prepare_qat_fx(model.train(), setup.qconfig_mapping(), example,
+                                      backend_config=setup.backend_config())
+        else:
+            prepared = prepare_fx(model.eval(), setup.qconfig_mapping(), example,
+                                  backend_config=setup.backend_config())
+    with torch.no_grad():
+        for args in calibration:
+            prepared(*args)
+    if setup.qat:
+        prepared.eval()
+    return prepared
+
+
+# ---------------------------------------------------------------------------- the case
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    spec: ModelSpec
+    setup: QuantSetup
+    calibration: tuple  # of argument tuples
+    inputs: tuple  # evaluation argument tuples
+    input_labels: tuple = field(default=())  # one label per evaluation input
+
+    def __repr__(self) -> str:
+        return (f"Case(spec={self.spec!r}, setup={self.setup!r}, "
+                f"calibration=<{len(self.calibration)} batches>, inputs={list(self.input_labels)!r})")
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # Hypothesis/IPython: keep it one line
+        printer.text(repr(self))
+
+    @property
+    def flow(self) -> str:
+        return self.setup.flow
+
+    @property
+    def example_inputs(self) -> tuple:
+        return self.calibration[0]
+
+    def float_model(self) -> torch.nn.Module:
+        """The float network in eval mode (fresh)."""
+        return self.spec.build().eval()
+
+    def cache_key(self) -> tuple:
+        return (repr(self.spec), repr(self.setup), _tensor_bytes(self.calibration))
+
+    def prepared(self) -> torch.nn.Module:
+        """A fresh prepared + calibrated model (cached; a deep copy per call)."""
+        key = self.cache_key()
+        model = _lru_get(_cache, key)
+        if model is None:
+            model = prepare_case(self.spec, self.setup, self.calibration)
+            _lru_put(_cache, key, model)
+        from qref._quiet import silence_noise
+
+        silence_noise()
+        return copy.deepcopy(model)
+
+    def tensors(self) -> dict:
+        """Every calibration and evaluation tensor by name (``calibration_<batch>_<arg>``,
+        ``input_<index>_<arg>``): what the reproducer loads from ``inputs.pt``."""
+        out = {}
+        for prefix, batches in (("calibration", self.calibration), ("input", self.inputs)):
+            for i, args in enumerate(batches):
+                for j, t in enumerate(args):
+                    out[f"{prefix}_{i}_{j}"] = t
+        return out
+
+    def save_inputs(self, path) -> None:
+        """``torch.save(self.tensors(), path)`` (loadable with ``weights_only=True``)."""
+        torch.save(self.tensors(), path)
+
+    @staticmethod
+    def _names(prefix: str, batches) -> str:
+        tuples = ", ".join("(" + "".join(f"_TENSORS[{prefix + f'_{i}_{j}'!r}], " for j in range(len(args))) + ")"
+                           for i, args in enumerate(batches))
+        return f"[{tuples}]"
+
+    def to_python(self, converter_target: str) -> str:
+        """A standalone reproducer script: the model and setup sources, inputs loaded from
+        ``inputs.pt`` next to the script (see :meth:`save_inputs`), prepare, calibrate,
+        convert with ``converter_target`` and print the float vs converted outputs."""
+        s = self.setup
+        if s.flow == "pt2e":
+            prepare = (
+                "    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e\n\n"
+                f"    model = build_model().{'train' if s.qat else 'eval'}()\n"
+                "    exported = torch.export.export(model, CALIBRATION[0]).module()\n"
+                f"    prepared = {'prepare_qat_pt2e' if s.qat else 'prepare_pt2e'}(exported, quantizer)\n"
+                "    with torch.no_grad():\n"
+                "        for args in CALIBRATION:\n"
+                "            prepared(*args)\n"
+                "    return prepared\n"
+            )
+            convert_call = "convert(prepared)"
+        else:
+            prepare = (
+                f"    from torch.ao.quantization.quantize_fx import {'prepare_qat_fx' if s.qat else 'prepare_fx'}\n\n"
+                f"    model = build_model().{'train' if s.qat else 'eval'}()\n"
+                f"    prepared = {'prepare_qat_fx' if s.qat else 'prepare_fx'}(model, qconfig_mapping, "
+                "CALIBRATION[0], backend_config=backend_config)\n"
+                "    with torch.no_grad():\n"
+                "        for args in CALIBRATION:\n"
+                "            prepared(*args)\n"
+                + ("    prepared.eval()\n" if s.qat else "")
+                + "    return prepared\n"
+            )
+            convert_call = "convert(prepared, backend_config=backend_config)"
+        return (
+            f'"""qref reproducer.\n\nmodel: {self.spec!r}\nsetup: {self.setup!r}\n'
+            f'converter: {converter_target}\n\nRun next to inputs.pt (Case.save_inputs).\n"""\n'
+            "# ---- model " + "-" * 60 + "\n"
+            + self.spec.to_python(docstring=False)
+            + "\n# ---- quantization setup " + "-" * 47 + "\n"
+            + s.to_python()
+            + "\n# ---- inputs " + "-" * 59 + "\n"
+            "from pathlib import Path\n\n"
+            "_TENSORS = torch.load(Path(__file__).with_name(\"inputs.pt\"), weights_only=True)\n"
+            f"CALIBRATION = {self._names('calibration', self.calibration)}\n"
+            f"INPUTS = {self._names('input', self.inputs)}\n"
+            f"LABELS = {list(self.input_labels)!r}\n\n\n"
+            "def prepare():\n"
+            + prepare
+            + "\n\ndef main():\n"
+            "    from qref.converters import resolve\n\n"
+            f"    convert = resolve({converter_target!r}, {s.flow!r})\n"
+            "    float_model = build_model().eval()\n"
+            "    prepared = prepare()\n"
+            f"    converted = {convert_call}\n"
+            "    with torch.no_grad():\n"
+            "        for label, args in zip(LABELS, INPUTS):\n"
+            "            expected, got = float_model(*args), converted(*args)\n"
+            "            print(f\"{label}: max |float - converted| = {(expected - got).abs().max().item():.6g}\")\n\n\n"
+            "if __name__ == \"__main__\":\n"
+            "    main()\n"
+        )
+
+
+# ---------------------------------------------------------------------------- strategies
+
+_AMPLITUDES = [1.0, 0.25, 4.0, 0.01, 50.0]
+
+
+@st.composite
+def _batch(draw, shape: tuple, amplitude=None, label: str = "batch") -> torch.Tensor:
+    base = draw(st.lists(st.floats(-1.0, 1.0, width=32), min_size=1, max_size=8), label=f"{label} base")
+    if amplitude is None:
+        amplitude = draw(st.sampled_from(_AMPLITUDES), label=f"{label} amplitude")
+    offset = draw(st.sampled_from([0.0, 0.5, -0.5]), label=f"{label} offset")
+    spread = draw(st.integers(0, 2**16), label=f"{label} index seed")
+    g = torch.Generator().manual_seed(spread)
+    idx = torch.randint(len(base), shape, generator=g)
+    values = (torch.tensor(base, dtype=torch.float32) + offset) * amplitude
+    return values[idx].contiguous()
+
+
+@st.composite
+def calibration_batches(draw, shape: tuple, min_batches: int = 2, max_batches: int = 4) -> list:
+    """2-4 calibration tensors of ``shape`` (one amplitude per case, drawn)."""
+    amplitude = draw(st.sampled_from(_AMPLITUDES), label="calibration amplitude")
+    n = draw(st.integers(min_batches, max_batches), label="calibration batches")
+    return [draw(_batch(shape, amplitude, f"calibration {i}"), label=f"calibration {i}") for i in range(n)]
+
+
+@st.composite
+def _evaluation(draw, shape: tuple, calibration: list) -> tuple:
+    lo = min(float(t.min()) for t in calibration)
+    hi = max(float(t.max()) for t in calibration)
+    unit = draw(_batch(shape, 1.0, "evaluation"), label="evaluation")  # values in [-1.5, 1.5]
+    inside = (lo + (unit.clamp(-1, 1) + 1) * 0.5 * (hi - lo)).to(torch.float32)
+    factor = draw(st.sampled_from([4.0, 10.0, 100.0]), label="out-of-range factor")
+    e = draw(st.integers(-8, 0), label="tie exponent")
+    ks = draw(st.lists(st.integers(-8, 7), min_size=1, max_size=8), label="tie multiples")
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16), label="tie index seed"))
+    ties = ((torch.tensor(ks, dtype=torch.float32) + 0.5) * 2.0**e)[torch.randint(len(ks), shape, generator=g)]
+    labelled = [
+        ("in calibration range", inside),
+        (f"calibration range x{factor:g}", inside * factor),
+        ("zeros", torch.zeros(shape)),
+        (f"half-steps of 2**{e}", ties.contiguous()),
+    ]
+    return tuple(l for l, _ in labelled), tuple((t,) for _, t in labelled)
+
+
+@st.composite
+def cases(draw, flow: str, tier: str = "models", qat: bool | None = None, engine: str | None = None,
+          model=None) -> Case:
+    """A :class:`Case` of ``flow``: a spec of ``tier`` (or drawn from ``model``, a ModelSpec
+    strategy), a setup that quantizes it, calibration batches and evaluation inputs."""
+    if qat is None:
+        qat = draw(st.booleans(), label="qat")
+    spec_strategy = model if model is not None else model_specs(flow, tier, qat)
+    spec = draw(spec_strategy, label="model spec")
+    setup = draw(quant_setups(flow, qat=qat, engine=engine, model=spec), label="setup")
+    calibration = draw(calibration_batches(spec.input_shape), label="calibration")
+    labels, inputs = draw(_evaluation(spec.input_shape, calibration), label="evaluation inputs")
+    return Case(spec, setup, tuple((t,) for t in calibration), inputs, labels)

@@ -1,0 +1,713 @@
+"""Small networks as data: :class:`ModelSpec` and the Hypothesis strategies that draw them.
+
+A spec is a frozen dataclass tree: an input shape, a tuple of layers and a seed.  Layers are
+``Conv`` (1d/2d, transposed, grouped/depthwise), ``BatchNorm``, ``Linear``, ``Act``
+(relu / relu6 / hardtanh), ``Pool`` (max / avg), ``Flatten``, ``Residual`` (``x + body(x)``)
+and ``Cat`` (two branches concatenated along channels).
+
+* ``repr(spec)`` is Python that rebuilds the spec (``from qref.strategies.models import *``).
+* ``spec.to_python()`` is standalone PyTorch source (``class Model``, ``init_parameters``,
+  ``build_model()``) and ``spec.build()`` executes exactly that source, so the two agree
+  bit for bit by construction.  Weights, biases and every BatchNorm's running statistics and
+  affine parameters come from ``torch.Generator().manual_seed(spec.seed)`` in module order.
+* The strategies do the shape arithmetic, so every drawn spec builds, runs, exports with
+  ``torch.export`` and traces with ``torch.fx``.  Layers are drawn as lists and the simplest
+  choice comes first in every ``sampled_from``, so a failure shrinks to a one-layer network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import linecache
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+from hypothesis import strategies as st
+
+__all__ = [
+    "Conv", "BatchNorm", "Linear", "Act", "Pool", "Flatten", "Residual", "Cat", "ModelSpec",
+    "model_specs", "conv_bn_specs", "TIERS", "PATTERN_KINDS",
+]
+
+TIERS = ("ops", "patterns", "models")
+# Block kinds the "patterns" and "models" tiers draw (``kinds=`` narrows them).
+PATTERN_KINDS = ("conv", "conv_bn", "linear_act", "add", "cat", "pool", "flatten_linear")
+
+MAX_CHANNELS = 8
+MAX_SIDE = 12  # spatial sizes never exceed this (transposed convs grow them)
+MAX_FEATURES = 64  # flatten -> linear
+
+
+class _Node:
+    """repr() that omits fields left at their defaults (still valid Python)."""
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.default is not dataclasses.MISSING and v == f.default and type(v) is type(f.default):
+                continue
+            parts.append(f"{f.name}={v!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # Hypothesis prints failing specs with this
+        printer.text(repr(self))
+
+
+@dataclass(frozen=True, repr=False)
+class Conv(_Node):
+    """``nn.Conv{dim}d`` or ``nn.ConvTranspose{dim}d`` (square kernels)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int = 1
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    groups: int = 1
+    bias: bool = True
+    transpose: bool = False
+    output_padding: int = 0
+    dim: int = 2
+
+
+@dataclass(frozen=True, repr=False)
+class BatchNorm(_Node):
+    """``nn.BatchNorm{dim}d``; ``zero_gamma`` lists channels whose gamma is exactly 0."""
+
+    num_features: int
+    eps: float = 1e-5
+    momentum: float = 0.1
+    zero_gamma: tuple = ()
+    dim: int = 2
+
+
+@dataclass(frozen=True, repr=False)
+class Linear(_Node):
+    in_features: int
+    out_features: int
+    bias: bool = True
+
+
+@dataclass(frozen=True, repr=False)
+class Act(_Node):
+    """``relu`` (nn.ReLU), ``relu6`` (nn.ReLU6 = hardtanh(0, 6)), ``hardtanh`` (nn.Hardtanh(-1, 1))."""
+
+    kind: str = "relu"
+
+
+@dataclass(frozen=True, repr=False)
+class Pool(_Node):
+    kind: str = "max"  # "max" | "avg"
+    kernel_size: int = 2
+    stride: int = 2
+    dim: int = 2
+
+
+@dataclass(frozen=True, repr=False)
+class Flatten(_Node):
+    """``nn.Flatten()`` (``torch.flatten(x, 1)``)."""
+
+
+@dataclass(frozen=True, repr=False)
+class Residual(_Node):
+    """``x + body(x)``; ``body`` keeps the shape."""
+
+    body: tuple = ()
+
+
+@dataclass(frozen=True, repr=False)
+class Cat(_Node):
+    """``torch.cat([left(x), right(x)], dim=1)``; an empty branch is the identity."""
+
+    left: tuple = ()
+    right: tuple = ()
+
+
+# ---------------------------------------------------------------------------- shape arithmetic
+
+def _conv_out(n: int, c: Conv) -> int:
+    if c.transpose:
+        return (n - 1) * c.stride - 2 * c.padding + c.dilation * (c.kernel_size - 1) + c.output_padding + 1
+    return (n + 2 * c.padding - c.dilation * (c.kernel_size - 1) - 1) // c.stride + 1
+
+
+def _pool_out(n: int, p: Pool) -> int:
+    return (n - p.kernel_size) // p.stride + 1
+
+
+class SpecError(ValueError):
+    pass
+
+
+def propagate(layers: Iterable, shape: tuple) -> tuple:
+    """Output shape of ``layers`` on an input of ``shape`` (raises :class:`SpecError`)."""
+    shape = tuple(shape)
+    for layer in layers:
+        n, c, spatial = shape[0], shape[1], shape[2:]
+        if isinstance(layer, Conv):
+            if layer.in_channels != c or len(spatial) != layer.dim:
+                raise SpecError(f"{layer!r} on shape {shape}")
+            if c % layer.groups or layer.out_channels % layer.groups:
+                raise SpecError(f"groups do not divide channels: {layer!r}")
+            out = tuple(_conv_out(s, layer) for s in spatial)
+            if min(out) < 1:
+                raise SpecError(f"{layer!r} on {shape} gives {out}")
+            shape = (n, layer.out_channels, *out)
+        elif isinstance(layer, BatchNorm):
+            ranks = (0, 1) if layer.dim == 1 else (2,)  # BatchNorm1d: (N, C) or (N, C, L)
+            if layer.num_features != c or len(spatial) not in ranks:
+                raise SpecError(f"{layer!r} on shape {shape}")
+            if any(not 0 <= i < c for i in layer.zero_gamma):
+                raise SpecError(f"{layer!r}: zero_gamma channel out of range")
+        elif isinstance(layer, Linear):
+            if len(spatial) != 0 or layer.in_features != c:
+                raise SpecError(f"{layer!r} on shape {shape}")
+            shape = (n, layer.out_features)
+        elif isinstance(layer, Act):
+            if layer.kind not in ("relu", "relu6", "hardtanh"):
+                raise SpecError(f"unknown activation {layer.kind!r}")
+        elif isinstance(layer, Pool):
+            if len(spatial) != layer.dim:
+                raise SpecError(f"{layer!r} on shape {shape}")
+            out = tuple(_pool_out(s, layer) for s in spatial)
+            if min(out) < 1:
+                raise SpecError(f"{layer!r} on {shape} gives {out}")
+            shape = (n, c, *out)
+        elif isinstance(layer, Flatten):
+            shape = (n, math.prod(shape[1:]))
+        elif isinstance(layer, Residual):
+            if propagate(layer.body, shape) != shape:
+                raise SpecError(f"residual body changes the shape {shape}")
+        elif isinstance(layer, Cat):
+            a, b = propagate(layer.left, shape), propagate(layer.right, shape)
+            if len(a) < 2 or a[:1] + a[2:] != b[:1] + b[2:]:
+                raise SpecError(f"cat branches disagree: {a} vs {b}")
+            shape = (n, a[1] + b[1], *a[2:])
+        else:
+            raise SpecError(f"unknown layer {layer!r}")
+    return shape
+
+
+def _walk(layers):
+    for layer in layers:
+        yield layer
+        if isinstance(layer, Residual):
+            yield from _walk(layer.body)
+        elif isinstance(layer, Cat):
+            yield from _walk(layer.left)
+            yield from _walk(layer.right)
+
+
+def _sequences(layers):
+    """``layers`` and every nested layer sequence (residual bodies, cat branches)."""
+    yield tuple(layers)
+    for layer in layers:
+        if isinstance(layer, Residual):
+            yield from _sequences(layer.body)
+        elif isinstance(layer, Cat):
+            yield from _sequences(layer.left)
+            yield from _sequences(layer.right)
+
+
+# ---------------------------------------------------------------------------- source generation
+
+_INIT_SOURCE = '''
+def init_parameters(model, seed):
+    """Small weights and non-trivial BatchNorm statistics from one seeded generator,
+    module by module in registration order (the order is part of the recipe)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(shape, bound):
+        return (torch.rand(shape, generator=g) * 2.0 - 1.0) * bound
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)):
+                fan_in = module.weight[0].numel()
+                bound = 1.0 / math.sqrt(fan_in)
+                module.weight.copy_(uniform(module.weight.shape, bound))
+                if module.bias is not None:
+                    module.bias.copy_(uniform(module.bias.shape, bound))
+            elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                c = module.num_features
+                module.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
+                module.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
+                sign = torch.where(torch.rand(c, generator=g) < 0.2, -1.0, 1.0)
+                module.weight.copy_((torch.rand(c, generator=g) + 0.5) * sign)
+                module.bias.copy_(torch.randn(c, generator=g) * 0.2)
+                module.num_batches_tracked.fill_(10)
+'''
+
+
+def _ctor(layer) -> str:
+    if isinstance(layer, Conv):
+        cls = f"nn.ConvTranspose{layer.dim}d" if layer.transpose else f"nn.Conv{layer.dim}d"
+        args = [str(layer.in_channels), str(layer.out_channels), f"kernel_size={layer.kernel_size}"]
+        for name, default in (("stride", 1), ("padding", 0)):
+            if getattr(layer, name) != default:
+                args.append(f"{name}={getattr(layer, name)}")
+        if layer.transpose and layer.output_padding:
+            args.append(f"output_padding={layer.output_padding}")
+        for name, default in (("groups", 1), ("dilation", 1)):  # ConvTranspose order: groups, bias, dilation
+            if getattr(layer, name) != default:
+                args.append(f"{name}={getattr(layer, name)}")
+        if not layer.bias:
+            args.append("bias=False")
+        return f"{cls}({', '.join(args)})"
+    if isinstance(layer, BatchNorm):
+        return f"nn.BatchNorm{layer.dim}d({layer.num_features}, eps={layer.eps!r}, momentum={layer.momentum!r})"
+    if isinstance(layer, Linear):
+        return f"nn.Linear({layer.in_features}, {layer.out_features}" + ("" if layer.bias else ", bias=False") + ")"
+    if isinstance(layer, Act):
+        return {"relu": "nn.ReLU()", "relu6": "nn.ReLU6()", "hardtanh": "nn.Hardtanh(-1.0, 1.0)"}[layer.kind]
+    if isinstance(layer, Pool):
+        cls = f"nn.MaxPool{layer.dim}d" if layer.kind == "max" else f"nn.AvgPool{layer.dim}d"
+        return f"{cls}({layer.kernel_size}, stride={layer.stride})"
+    if isinstance(layer, Flatten):
+        return "nn.Flatten()"
+    raise TypeError(layer)
+
+
+_SHORT = {Conv: "conv", BatchNorm: "bn", Linear: "fc", Pool: "pool", Flatten: "flatten"}
+
+
+class _Emitter:
+    def __init__(self) -> None:
+        self.init_lines: list[str] = []
+        self.forward_lines: list[str] = []
+        self.zero_gamma: list[str] = []
+        self.count = 0
+        self.tmp = 0
+
+    def name(self, layer, prefix: str) -> str:
+        short = layer.kind if isinstance(layer, Act) else _SHORT[type(layer)]
+        name = f"{prefix}{short}{self.count}"
+        self.count += 1
+        return name
+
+    def var(self, base: str) -> str:
+        self.tmp += 1
+        return f"{base}{self.tmp}"
+
+    def emit(self, layers, x: str, prefix: str = "") -> str:
+        for layer in layers:
+            if isinstance(layer, Residual):
+                y = self.emit(layer.body, x, prefix)
+                out = self.var("x")
+                self.forward_lines.append(f"{out} = {x} + {y}")
+                x = out
+            elif isinstance(layer, Cat):
+                a = self.emit(layer.left, x, prefix)
+                b = self.emit(layer.right, x, prefix)
+                out = self.var("x")
+                self.forward_lines.append(f"{out} = torch.cat([{a}, {b}], dim=1)")
+                x = out
+            else:
+                name = self.name(layer, prefix)
+                self.init_lines.append(f"self.{name} = {_ctor(layer)}")
+                if isinstance(layer, BatchNorm) and layer.zero_gamma:
+                    self.zero_gamma.append(f"model.{name}.weight[{list(layer.zero_gamma)!r}] = 0.0")
+                out = self.var("x")
+                self.forward_lines.append(f"{out} = self.{name}({x})")
+                x = out
+        return x
+
+
+# ---------------------------------------------------------------------------- the spec
+
+@dataclass(frozen=True, repr=False)
+class ModelSpec(_Node):
+    """A small network: ``layers`` applied in order to one input of ``input_shape``."""
+
+    input_shape: tuple
+    layers: tuple
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        propagate(self.layers, self.input_shape)  # raises SpecError for a malformed spec
+
+    @property
+    def output_shape(self) -> tuple:
+        return propagate(self.layers, self.input_shape)
+
+    def all_layers(self) -> list:
+        """Every layer, nested ones included (depth first)."""
+        return list(_walk(self.layers))
+
+    @property
+    def ops(self) -> frozenset:
+        """Coarse op families, named like ``fixtures.zoo.ZooModel.ops``."""
+        ops = set()
+        for layer in _walk(self.layers):
+            if isinstance(layer, Conv):
+                ops.add("conv_transpose" if layer.transpose else f"conv{layer.dim}d")
+            elif isinstance(layer, BatchNorm):
+                ops.add("bn")
+            elif isinstance(layer, Linear):
+                ops.add("linear")
+            elif isinstance(layer, Act):
+                ops.add(layer.kind)
+            elif isinstance(layer, Pool):
+                ops.add("pool")
+            elif isinstance(layer, Flatten):
+                ops.add("flatten")
+            elif isinstance(layer, Residual):
+                ops.add("add")
+            elif isinstance(layer, Cat):
+                ops.add("cat")
+        return frozenset(ops)
+
+    def conv_bn_pairs(self) -> list:
+        """(Conv, BatchNorm) pairs where the BatchNorm directly follows the conv."""
+        pairs = []
+        for seq in _sequences(self.layers):
+            pairs += [(a, b) for a, b in zip(seq, seq[1:]) if isinstance(a, Conv) and isinstance(b, BatchNorm)]
+        return pairs
+
+    def has_conv_bn_add(self) -> bool:
+        """Whether some residual body ends in conv -> BatchNorm (FX fuses conv-bn-add there)."""
+        return any(isinstance(r, Residual) and len(r.body) >= 2 and isinstance(r.body[-2], Conv)
+                   and isinstance(r.body[-1], BatchNorm) for r in _walk(self.layers))
+
+    def to_python(self, docstring: bool = True) -> str:
+        """Standalone PyTorch source: ``class Model``, ``init_parameters``, ``build_model()``."""
+        e = _Emitter()
+        out = e.emit(self.layers, "x")
+        init = "\n".join(f"        {line}" for line in e.init_lines) or "        pass"
+        forward = "\n".join(f"        {line}" for line in e.forward_lines)
+        zero = "".join(f"        {line}\n" for line in e.zero_gamma)
+        return (
+            (f'"""Generated by qref.strategies.models from:\n{self!r}\n"""\n' if docstring else "")
+            + "import math\n\n"
+            "import torch\n"
+            "from torch import nn\n\n"
+            f"INPUT_SHAPE = {tuple(self.input_shape)!r}\n"
+            f"SEED = {self.seed!r}\n\n\n"
+            "class Model(nn.Module):\n"
+            "    def __init__(self):\n"
+            "        super().__init__()\n"
+            f"{init}\n\n"
+            "    def forward(self, x):\n"
+            f"{forward}\n"
+            f"        return {out}\n\n"
+            f"{_INIT_SOURCE}\n\n"
+            "def build_model(seed=SEED):\n"
+            "    model = Model()\n"
+            "    init_parameters(model, seed)\n"
+            + ("    with torch.no_grad():\n" + zero if zero else "")
+            + "    return model\n"
+        )
+
+    def build(self):
+        """A fresh float32 ``nn.Module`` (train mode, like any new module): ``to_python()`` run."""
+        return _namespace(self.to_python())["build_model"]()
+
+
+@functools.lru_cache(maxsize=256)
+def _namespace(source: str) -> dict:
+    # A linecache entry lets tracebacks, inspect and torch.export show the generated lines.
+    filename = f"<qref-model-{abs(hash(source)):x}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    ns: dict = {"__name__": "qref_generated_model"}
+    exec(compile(source, filename, "exec"), ns)
+    return ns
+
+
+# ---------------------------------------------------------------------------- strategies
+
+@dataclass(frozen=True)
+class _Ctx:
+    flow: str
+    qat: bool
+    transpose: bool | None = None  # None: may draw transposed convs
+    groups: bool | None = None  # None: may draw grouped/depthwise
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@st.composite
+def _conv(draw, shape: tuple, ctx: _Ctx, *, keep_shape: bool = False, transpose=None, groups=None,
+          out_channels: int | None = None, max_out: int = MAX_CHANNELS) -> Conv:
+    """A conv valid on ``shape`` whose output stays within MAX_SIDE.  ``keep_shape``: output
+    shape equals input shape (stride 1, 'same' padding, out == in channels)."""
+    c, spatial = shape[1], shape[2:]
+    dim = len(spatial)
+    transpose = ctx.transpose if transpose is None else transpose
+    groups = ctx.groups if groups is None else groups
+    if transpose is None:
+        transpose = draw(st.booleans(), label="transpose")
+    groups_kind = "none" if groups is False else draw(
+        st.sampled_from(["grouped", "depthwise"] if groups else ["none", "grouped", "depthwise"]),
+        label="groups kind")
+    if keep_shape:
+        out_channels = c
+    if groups_kind == "depthwise" and c > 1:
+        g = c
+        if out_channels is None:
+            out_channels = c * draw(st.sampled_from([m for m in (1, 2) if c * m <= max_out] or [1]),
+                                    label="depth multiplier")
+    elif groups_kind == "grouped" and c > 1:
+        options = [d for d in _divisors(c) if d > 1 and (out_channels is None or out_channels % d == 0)
+                   and d <= max_out]
+        g = draw(st.sampled_from(options), label="groups") if options else 1
+        if out_channels is None:
+            out_channels = g * draw(st.integers(1, max(1, max_out // g)), label="out channels per group")
+    else:
+        g = 1
+    if out_channels is None:
+        out_channels = draw(st.integers(1, max_out), label="out_channels")
+    if out_channels % g:  # depthwise with a fixed out_channels that is not a multiple
+        g = 1
+    bias = draw(st.sampled_from([True, False]), label="bias")
+
+    combos = []
+    for k in (1, 3, 2):
+        for s in (1, 2):
+            for d in (1, 2):
+                for p in range(0, d * (k - 1) // 2 + 1):
+                    for op in ((0, 1) if transpose and s > 1 else (0,)):
+                        cand = Conv(c, out_channels, k, s, p, d, g, bias, transpose, op, dim)
+                        if op and op >= max(s, d):
+                            continue
+                        out = [_conv_out(n, cand) for n in spatial]
+                        if out and (min(out) < 1 or max(out) > MAX_SIDE):
+                            continue
+                        if keep_shape and tuple(out) != tuple(spatial):
+                            continue
+                        combos.append(cand)
+    if not combos:  # e.g. keep_shape with k=1 always works, so this is defensive
+        return Conv(c, out_channels, 1, groups=g, bias=bias, transpose=transpose, dim=dim)
+    return draw(st.sampled_from(combos), label="conv geometry")
+
+
+@st.composite
+def _bn(draw, channels: int, dim: int, ctx: _Ctx, zero_gamma: bool | None = None, eps=None,
+        momentum=None) -> BatchNorm:
+    eps = draw(_strategy(eps, [1e-5, 1e-3, 1.0, 0.1]), label="bn eps")
+    momentum = draw(_strategy(momentum, [0.1, 0.01, 0.5]), label="bn momentum")
+    # torchao's and torch's QAT conv-bn fusions divide by gamma (NaN for gamma 0): PTQ only.
+    if zero_gamma is None:
+        zero_gamma = not ctx.qat and draw(st.booleans(), label="zero gamma")
+    zeros = ()
+    if zero_gamma:
+        zeros = tuple(sorted(draw(st.sets(st.integers(0, channels - 1), min_size=1), label="zero gamma channels")))
+    return BatchNorm(channels, eps, momentum, zeros, max(dim, 1))
+
+
+def _strategy(value, default_choices) -> st.SearchStrategy:
+    """``value`` as a strategy: None -> the default choices, a strategy as is, else just it."""
+    if value is None:
+        return st.sampled_from(default_choices)
+    return value if isinstance(value, st.SearchStrategy) else st.just(value)
+
+
+def _bn_ok(shape: tuple) -> bool:
+    # train-mode BatchNorm needs more than one value per channel
+    return math.prod(shape[:1] + shape[2:]) > 1 and len(shape) in (2, 3, 4)
+
+
+def _act():
+    return st.sampled_from(["relu", "relu6", "hardtanh"]).map(Act)
+
+
+def _maybe_act(draw, label: str = "activation") -> list:
+    return [draw(_act(), label=label)] if draw(st.booleans(), label=f"{label}?") else []
+
+
+def _bn_allowed(ctx: _Ctx, conv: Conv) -> bool:
+    """Whether torch/torchao can *prepare* ``conv`` followed by a BatchNorm.
+
+    Neither flow can fold/fuse a grouped ConvTranspose + BN (torch's ``fuse_conv_bn_weights``
+    scales the wrong weight axis, prepare raises), and torch's FX QAT cannot fuse any
+    ConvTranspose + BN.
+    """
+    if conv.transpose and conv.groups > 1:
+        return False
+    return not (ctx.flow == "fx" and ctx.qat and conv.transpose)
+
+
+@st.composite
+def _block(draw, kind: str, shape: tuple, ctx: _Ctx) -> list:
+    """Layers of one block of ``kind`` valid on ``shape`` (may be [] when ``kind`` cannot apply)."""
+    spatial = shape[2:]
+    if kind in ("conv", "conv_bn") and spatial:
+        conv = draw(_conv(shape, ctx), label="conv")
+        layers = [conv]
+        out = propagate(layers, shape)
+        if kind == "conv_bn" and _bn_ok(out) and _bn_allowed(ctx, conv):
+            layers.append(draw(_bn(conv.out_channels, len(spatial), ctx), label="bn"))
+        return layers + _maybe_act(draw)
+    if kind == "linear_act" and not spatial:
+        lin = Linear(shape[1], draw(st.integers(1, 16), label="out_features"),
+                     draw(st.sampled_from([True, False]), label="bias"))
+        return [lin] + _maybe_act(draw)
+    if kind == "add" and spatial:
+        conv = draw(_conv(shape, ctx, keep_shape=True, transpose=False), label="residual conv")
+        body = [conv]
+        if _bn_ok(shape) and draw(st.booleans(), label="residual bn"):
+            body.append(draw(_bn(conv.out_channels, len(spatial), ctx), label="bn"))
+        return [Residual(tuple(body))] + _maybe_act(draw, "activation after add")
+    if kind == "cat" and spatial:
+        def branch(label):
+            if draw(st.booleans(), label=f"{label} is identity"):
+                return ()
+            conv = draw(_conv(shape, ctx, keep_shape=False, transpose=False, max_out=4), label=label)
+            if propagate([conv], shape)[2:] != spatial:
+                conv = dataclasses.replace(conv, kernel_size=1, stride=1, padding=0, dilation=1)
+            return (conv, *_maybe_act(draw, f"{label} activation"))
+        left, right = branch("left branch"), branch("right branch")
+        if not left and not right:
+            left = (Conv(shape[1], 1, dim=len(spatial)),)
+        layers = [Cat(left, right)]
+        if propagate(layers, shape)[1] > MAX_CHANNELS:  # squeeze back with a 1x1 conv
+            layers.append(Conv(propagate(layers, shape)[1], MAX_CHANNELS // 2, dim=len(spatial)))
+        return layers
+    if kind == "pool" and spatial:
+        options = [Pool(kind, k, s, len(spatial)) for kind in ("max", "avg")
+                   for k, s in ((2, 2), (2, 1), (3, 2), (3, 1)) if min(spatial) >= k]
+        return [draw(st.sampled_from(options), label="pool")] if options else []
+    if kind == "flatten_linear":
+        layers = [] if not spatial else [Flatten()]
+        features = math.prod(shape[1:])
+        if features > MAX_FEATURES:
+            return []
+        lin = Linear(features, draw(st.integers(1, 16), label="out_features"),
+                     draw(st.sampled_from([True, False]), label="bias"))
+        return layers + [lin] + _maybe_act(draw)
+    return []
+
+
+@st.composite
+def _input_shape(draw, rank: int | None = None, max_side: int = 10) -> tuple:
+    n = draw(st.sampled_from([2, 1]), label="batch")
+    if rank is None:
+        rank = draw(st.sampled_from([2, 1, 2, 0]), label="spatial rank")  # conv2d twice as often
+    c = draw(st.integers(1, MAX_CHANNELS if rank else 16), label="input channels")
+    spatial = tuple(draw(st.integers(1, max_side), label="side") for _ in range(rank))
+    if n * math.prod(spatial) == 1:
+        n = 2  # BatchNorm in train mode needs two values per channel
+    return (n, c, *spatial)
+
+
+def _seeds():
+    return st.integers(0, 2**16)
+
+
+@st.composite
+def _ops_spec(draw, ctx: _Ctx, kinds) -> ModelSpec:
+    allowed = [k for k in ("conv", "linear") if kinds is None or k in kinds or
+               (k == "linear" and "linear_act" in kinds)] or ["conv", "linear"]
+    kind = draw(st.sampled_from(allowed), label="op")
+    if kind == "conv":
+        shape = draw(_input_shape(rank=draw(st.sampled_from([2, 1]), label="conv dim")), label="input shape")
+        layers = [draw(_conv(shape, ctx), label="conv")]
+    else:
+        shape = draw(_input_shape(rank=0), label="input shape")
+        layers = [Linear(shape[1], draw(st.integers(1, 16), label="out_features"),
+                         draw(st.sampled_from([True, False]), label="bias"))]
+    if draw(st.booleans(), label="relu?"):
+        layers.append(Act("relu"))
+    return ModelSpec(shape, tuple(layers), draw(_seeds(), label="seed"))
+
+
+_PATTERN_RANK = {"linear_act": 0}
+
+
+@st.composite
+def _pattern_spec(draw, ctx: _Ctx, kinds) -> ModelSpec:
+    kinds = [k for k in PATTERN_KINDS if k != "conv" and (kinds is None or k in kinds)] or ["conv_bn"]
+    kind = draw(st.sampled_from(kinds), label="pattern")
+    if kind == "linear_act":
+        shape = draw(_input_shape(rank=0), label="input shape")
+    else:
+        shape = draw(_input_shape(rank=draw(st.sampled_from([2, 1]), label="dim")), label="input shape")
+    layers: list = []
+    if kind in ("pool", "flatten_linear"):  # quantized input first: a conv (+relu)
+        layers = draw(_block("conv", shape, ctx), label="conv before")
+    if kind == "flatten_linear" and math.prod(propagate(layers, shape)[1:]) > MAX_FEATURES:
+        if min(propagate(layers, shape)[2:]) >= 2:
+            layers.append(Pool("max", 2, 2, len(shape) - 2))
+    block = draw(_block(kind, propagate(layers, shape), ctx), label=kind)
+    if not block:  # the pattern cannot apply here (tiny input): fall back to conv-bn
+        block = draw(_block("conv_bn", propagate(layers, shape), ctx), label="conv_bn")
+    layers += block
+    return ModelSpec(shape, tuple(layers), draw(_seeds(), label="seed"))
+
+
+@st.composite
+def _models_spec(draw, ctx: _Ctx, kinds, max_blocks: int) -> ModelSpec:
+    kinds = [k for k in PATTERN_KINDS if kinds is None or k in kinds] or list(PATTERN_KINDS)
+    shape = draw(_input_shape(), label="input shape")
+    first = "linear_act" if len(shape) == 2 else draw(
+        st.sampled_from([k for k in ("conv", "conv_bn") if k in kinds] or ["conv"]), label="first block kind")
+    layers = list(draw(_block(first, shape, ctx), label="first block"))
+    more = draw(st.lists(st.sampled_from(kinds), max_size=max_blocks - 1), label="blocks")
+    for kind in more:
+        cur = propagate(layers, shape)
+        layers += draw(_block(kind, cur, ctx), label=kind)
+    return ModelSpec(shape, tuple(layers), draw(_seeds(), label="seed"))
+
+
+def model_specs(flow: str = "pt2e", tier: str = "models", qat: bool = False, kinds=None,
+                max_blocks: int = 5) -> st.SearchStrategy[ModelSpec]:
+    """Specs of small networks every ``flow`` can export/trace and ``qat`` can train.
+
+    * ``"ops"``: one conv (1d/2d, maybe transposed/grouped/depthwise) or linear, maybe + relu.
+    * ``"patterns"``: one pattern of ``kinds`` (default all of :data:`PATTERN_KINDS` but
+      ``conv``): conv-bn(-act), linear(-act), residual add (-act), cat of two branches,
+      conv then pool, conv then flatten-linear.
+    * ``"models"``: a first weighted block then up to ``max_blocks - 1`` blocks of ``kinds``.
+    """
+    if flow not in ("pt2e", "fx"):
+        raise ValueError(f"flow must be 'pt2e' or 'fx', not {flow!r}")
+    ctx = _Ctx(flow, bool(qat))
+    if tier == "ops":
+        return _ops_spec(ctx, kinds)
+    if tier == "patterns":
+        return _pattern_spec(ctx, kinds)
+    if tier == "models":
+        return _models_spec(ctx, kinds, max_blocks)
+    raise ValueError(f"tier must be one of {TIERS}, not {tier!r}")
+
+
+@st.composite
+def conv_bn_specs(draw, transpose: bool | None = None, groups: bool | None = None,
+                  dim: int | None = None, zero_gamma: bool | None = None, flow: str = "pt2e",
+                  qat: bool = False, preparable: bool | None = None, eps=None,
+                  momentum=None) -> ModelSpec:
+    """One conv followed by one BatchNorm (the folding family): any eps/momentum, zero gammas
+    (PTQ only), bias on/off, plain/grouped/depthwise, conv or conv-transpose, 1d or 2d.
+
+    ``preparable`` (default: True unless both ``transpose`` and ``groups`` are True) keeps to
+    specs torch/torchao can prepare in ``flow``: grouped ConvTranspose + BN is not (see
+    ``_bn_allowed``), but qref's own folding can still be checked on it with
+    ``conv_bn_specs(transpose=True, groups=True)``.  ``eps`` / ``momentum``: a value or a
+    strategy (default: 1e-5, 1e-3, 1.0, 0.1 / 0.1, 0.01, 0.5).
+    """
+    if preparable is None:
+        preparable = not (transpose and groups)
+    if flow == "fx" and qat:
+        if transpose:
+            raise ValueError("torch's FX QAT cannot fuse ConvTranspose + BatchNorm")
+        transpose = False
+    if qat and zero_gamma:
+        raise ValueError("QAT conv-bn fusion is undefined for a zero gamma")
+    ctx = _Ctx(flow, bool(qat), transpose, groups)
+    rank = dim if dim is not None else draw(st.sampled_from([2, 1]), label="dim")
+    shape = draw(_input_shape(rank=rank), label="input shape")
+    if groups and shape[1] == 1:
+        shape = (shape[0], 2, *shape[2:])
+    conv = draw(_conv(shape, ctx, transpose=transpose, groups=groups), label="conv")
+    if preparable and not _bn_allowed(ctx, conv):  # grouped ConvTranspose + BN: see _bn_allowed
+        conv = dataclasses.replace(conv, groups=1)
+    out = propagate([conv], shape)
+    if not _bn_ok(out):  # e.g. batch 1 and a 1x1 output: make the batch 2
+        shape = (2, *shape[1:])
+    bn = draw(_bn(conv.out_channels, rank, ctx, zero_gamma=False if qat else zero_gamma, eps=eps,
+                  momentum=momentum), label="bn")
+    return ModelSpec(shape, (conv, bn), draw(_seeds(), label="seed"))

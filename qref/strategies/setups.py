@@ -1,0 +1,305 @@
+"""Quantization setups as data: :class:`QuantSetup` and the :func:`quant_setups` strategy.
+
+A setup is everything a flow needs besides the model:
+
+* pt2e: a ``Quantizer`` -- ``"x86"`` (torchao's ``X86InductorQuantizer`` via
+  :func:`qref.quantizers.x86_ptq` / :func:`~qref.quantizers.x86_qat`; uint8 affine
+  activations, per-channel or per-tensor int8 weights, annotates conv2d and linear only) or
+  ``"qref"`` (:class:`qref.quantizers.QrefQuantizer`; int8/uint8, symmetric or affine
+  activations with a MinMax / Histogram / MovingAverage observer, reduced range, per-channel
+  or per-tensor weights, derived int32 biases; annotates every conv kind, linear, add, cat,
+  pools and flatten).
+* fx: a ``QConfigMapping`` plus the engine's ``BackendConfig`` -- ``"default"`` (torch's
+  ``get_default_qconfig_mapping(engine)`` / ``get_default_qat_qconfig_mapping(engine)``) or
+  ``"custom"`` (that mapping with its global qconfig replaced by one built from the drawn
+  observer, weight granularity, symmetry and ``reduce_range``).
+
+``repr(setup)`` rebuilds the setup; ``setup.to_python()`` is the source that builds the
+quantizer (``quantizer = ...``) or mapping (``qconfig_mapping = ...``, ``backend_config = ...``),
+and :meth:`QuantSetup.quantizer` / :meth:`QuantSetup.qconfig_mapping` execute exactly that
+source.  Fields the chosen quantizer/mapping fixes (e.g. X86's uint8 HistogramObserver
+activations) must hold those values, so ``repr`` never claims what the setup does not do.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+
+from hypothesis import strategies as st
+
+__all__ = ["QuantSetup", "quant_setups", "FX_ENGINES"]
+
+FX_ENGINES = ("fbgemm", "qnnpack", "x86", "onednn")
+_OBSERVERS = ("minmax", "histogram", "moving_average")
+# engines whose kernels require reduce_range=True activations (7-bit, to avoid overflow)
+_REDUCE_RANGE_ENGINES = ("fbgemm", "x86")
+# torch has no get_x86_backend_config: its "x86" FX flow uses the native backend config
+_BACKEND_CONFIGS = {"fbgemm": "get_fbgemm_backend_config", "qnnpack": "get_qnnpack_backend_config",
+                    "onednn": "get_onednn_backend_config", "x86": "get_native_backend_config"}
+
+
+@dataclass(frozen=True)
+class QuantSetup:
+    flow: str  # "pt2e" | "fx"
+    qat: bool = False
+    # pt2e: "x86" | "qref" (which Quantizer); fx: "default" | "custom" (which QConfigMapping).
+    # Not called ``quantizer``: that is the method returning the Quantizer object.
+    kind: str = "qref"
+    per_channel: bool = True  # weights
+    act_dtype: str = "uint8"  # "uint8" | "int8" (fx: uint8 only)
+    symmetric: bool = False  # activations
+    observer: str = "histogram"  # activations: "minmax" | "histogram" | "moving_average"
+    engine: str | None = None  # fx only
+    reduce_range: bool = False  # activations use half the integer range
+
+    def __post_init__(self) -> None:
+        fixed = self.fixed_fields()
+        wrong = {k: v for k, v in fixed.items() if getattr(self, k) != v}
+        if wrong:
+            raise ValueError(f"{self.flow}/{self.kind} setup fixes {wrong}")
+        if self.flow == "pt2e" and self.kind not in ("x86", "qref"):
+            raise ValueError(f"pt2e quantizer must be 'x86' or 'qref', not {self.kind!r}")
+        if self.flow == "fx" and self.kind not in ("default", "custom"):
+            raise ValueError(f"fx quantizer must be 'default' or 'custom', not {self.kind!r}")
+        if self.observer not in _OBSERVERS or self.act_dtype not in ("uint8", "int8"):
+            raise ValueError(f"bad observer/act_dtype: {self.observer!r}/{self.act_dtype!r}")
+        if self.qat and self.observer == "histogram":
+            raise ValueError("QAT fake-quants use minmax or moving_average observers")
+
+    def fixed_fields(self) -> dict:
+        """Fields the flow/quantizer/engine decide (they must have these values)."""
+        if self.flow == "pt2e":
+            if self.kind == "x86":
+                return dict(engine=None, act_dtype="uint8", symmetric=False, reduce_range=False,
+                            observer="moving_average" if self.qat else "histogram")
+            return dict(engine=None)
+        if self.flow != "fx":
+            raise ValueError(f"flow must be 'pt2e' or 'fx', not {self.flow!r}")
+        if self.engine not in FX_ENGINES:
+            raise ValueError(f"fx setups need an engine in {FX_ENGINES}, not {self.engine!r}")
+        fixed = dict(act_dtype="uint8")
+        if self.kind == "default":
+            fixed.update(per_channel=self.engine != "qnnpack", symmetric=False,
+                         reduce_range=self.engine in _REDUCE_RANGE_ENGINES,
+                         observer="moving_average" if self.qat else "histogram")
+        else:
+            if self.engine == "qnnpack":
+                fixed["per_channel"] = False
+            if self.engine in _REDUCE_RANGE_ENGINES:
+                fixed["reduce_range"] = True
+        return fixed
+
+    # -------------------------------------------------------------------- what it quantizes
+    def supports(self, spec) -> bool:
+        """Whether this setup prepares ``spec`` (a ModelSpec) *and* quantizes some op of it."""
+        ops = spec.ops
+        if any(conv.transpose and conv.groups > 1 for conv, _ in spec.conv_bn_pairs()):
+            return False  # torch/torchao cannot fold grouped ConvTranspose + BN (prepare raises)
+        if self.flow == "pt2e":
+            if self.kind == "x86":  # X86InductorQuantizer annotates conv2d and linear
+                return bool(ops & {"conv2d", "linear"})
+            return bool(ops & {"conv1d", "conv2d", "conv_transpose", "linear"})
+        if self.engine == "onednn" and "conv_transpose" in ops:
+            return False  # onednn: prepare_fx rejects per-channel ConvTranspose
+        for conv, _bn in spec.conv_bn_pairs():
+            if conv.transpose and self.qat:
+                return False  # torch's FX QAT cannot fuse ConvTranspose + BatchNorm
+        if self.engine == "onednn" and self.qat and spec.has_conv_bn_add():
+            return False  # onednn's QAT has no fused conv-bn-add module
+        return True
+
+    # -------------------------------------------------------------------- source and objects
+    def to_python(self) -> str:
+        """Source defining ``quantizer`` (pt2e) or ``qconfig_mapping`` and ``backend_config`` (fx)."""
+        return self._pt2e_source() if self.flow == "pt2e" else self._fx_source()
+
+    def quantizer(self):
+        """A fresh pt2e ``Quantizer``."""
+        if self.flow != "pt2e":
+            raise ValueError("quantizer() is for the pt2e flow; use qconfig_mapping()")
+        return _run(self.to_python())["quantizer"]
+
+    def qconfig_mapping(self):
+        """A fresh FX ``QConfigMapping`` (prepare-time)."""
+        if self.flow != "fx":
+            raise ValueError("qconfig_mapping() is for the fx flow; use quantizer()")
+        return _run(self.to_python())["qconfig_mapping"]
+
+    def backend_config(self):
+        """The engine's FX ``BackendConfig``."""
+        if self.flow != "fx":
+            raise ValueError("backend_config() is for the fx flow")
+        return _run(self.to_python())["backend_config"]
+
+    def describe(self) -> str:
+        if self.flow == "pt2e" and self.kind == "x86":
+            return f"pt2e x86 {'QAT' if self.qat else 'PTQ'} {'per-channel' if self.per_channel else 'per-tensor'}"
+        parts = [self.flow, self.kind, self.engine or "", "QAT" if self.qat else "PTQ",
+                 "per-channel" if self.per_channel else "per-tensor", self.act_dtype,
+                 "sym" if self.symmetric else "affine", self.observer,
+                 "reduce_range" if self.reduce_range else ""]
+        return " ".join(p for p in parts if p)
+
+    def _act_range(self) -> tuple[int, int]:
+        lo, hi = (0, 255) if self.act_dtype == "uint8" else (-128, 127)
+        if self.reduce_range:
+            lo, hi = (0, 127) if self.act_dtype == "uint8" else (-64, 63)
+        return lo, hi
+
+    def _pt2e_source(self) -> str:
+        if self.kind == "x86":
+            fn = "x86_qat" if self.qat else "x86_ptq"
+            return (f"from qref.quantizers import {fn}\n\n"
+                    f"quantizer = {fn}(per_channel={self.per_channel})\n")
+        act_obs = {"minmax": "MinMaxObserver", "histogram": "HistogramObserver",
+                   "moving_average": "MovingAverageMinMaxObserver"}[self.observer]
+        w_obs = ("MovingAverage" if self.qat else "") + ("PerChannelMinMaxObserver" if self.per_channel else "MinMaxObserver")
+        if self.qat:
+            act, weight = (f"FakeQuantize.with_args(observer={act_obs})",
+                           f"FakeQuantize.with_args(observer={w_obs})")
+            names = sorted({"FakeQuantize", act_obs, w_obs})
+        else:
+            act, weight, names = act_obs, w_obs, sorted({act_obs, w_obs})
+        lo, hi = self._act_range()
+        scheme = "per_tensor_symmetric" if self.symmetric else "per_tensor_affine"
+        return (
+            "import torch\n"
+            f"from torchao.quantization.pt2e import {', '.join(names)}\n\n"
+            "from qref.quantizers import QrefQuantizer, QrefQuantizerConfig\n\n"
+            "quantizer = QrefQuantizer(QrefQuantizerConfig(\n"
+            f"    act_dtype=torch.{self.act_dtype},\n"
+            f"    act_qmin={lo},\n"
+            f"    act_qmax={hi},\n"
+            f"    act_qscheme=torch.{scheme},\n"
+            f"    act_ctr={act},\n"
+            f"    weight_ctr={weight},  # {'per-channel' if self.per_channel else 'per-tensor'} symmetric int8 [-127, 127]\n"
+            f"    is_qat={self.qat},\n"
+            "))\n"
+        )
+
+    def _fx_source(self) -> str:
+        e = self.engine
+        default = "get_default_qat_qconfig_mapping" if self.qat else "get_default_qconfig_mapping"
+        head = ("import torch\n"
+                "import torch.ao.quantization.quantize_fx  # noqa: F401  (get_*_backend_config needs it loaded)\n"
+                f"from torch.ao.quantization import {default}\n")
+        getter = _BACKEND_CONFIGS[e]
+        head += f"from torch.ao.quantization.backend_config import {getter}\n"
+        tail = f"backend_config = {getter}()\n"
+        if self.kind == "default":
+            return head + f"\nqconfig_mapping = {default}({e!r})\n" + tail
+        lo, hi = self._act_range()
+        scheme = "per_tensor_symmetric" if self.symmetric else "per_tensor_affine"
+        act_obs = {"minmax": "MinMaxObserver", "histogram": "HistogramObserver",
+                   "moving_average": "MovingAverageMinMaxObserver"}[self.observer]
+        w_obs = ("MovingAverage" if self.qat else "") + ("PerChannelMinMaxObserver" if self.per_channel else "MinMaxObserver")
+        wt_obs = ("MovingAverage" if self.qat else "") + "MinMaxObserver"
+        w_scheme = "per_channel_symmetric" if self.per_channel else "per_tensor_symmetric"
+        names = sorted({act_obs, w_obs, wt_obs} | ({"FakeQuantize"} if self.qat else set()))
+        act_args = f"dtype=torch.quint8, qscheme=torch.{scheme}, quant_min={lo}, quant_max={hi}"
+        w_args = f"dtype=torch.qint8, qscheme=torch.{w_scheme}"
+        wt_args = "dtype=torch.qint8, qscheme=torch.per_tensor_symmetric"
+        if self.qat:
+            act = f"FakeQuantize.with_args(observer={act_obs}, {act_args})"
+            weight = f"FakeQuantize.with_args(observer={w_obs}, quant_min=-128, quant_max=127, {w_args})"
+            weight_t = f"FakeQuantize.with_args(observer={wt_obs}, quant_min=-128, quant_max=127, {wt_args})"
+        else:
+            act = f"{act_obs}.with_args({act_args})"
+            weight = f"{w_obs}.with_args({w_args})"
+            weight_t = f"{wt_obs}.with_args({wt_args})"
+        return (
+            head
+            + "from torch import nn\n"
+            + "from torch.ao.quantization import QConfig\n"
+            + f"from torch.ao.quantization import {', '.join(names)}\n\n"
+            + f"activation = {act}\n"
+            + f"weight = {weight}\n"
+            + "# torch keeps ConvTranspose weights per-tensor (per-channel is unsupported there)\n"
+            + f"transpose_weight = {weight_t}\n"
+            + f"qconfig_mapping = {default}({e!r}).set_global(QConfig(activation=activation, weight=weight))\n"
+            + "for t in (nn.ConvTranspose1d, nn.ConvTranspose2d):\n"
+            + "    qconfig_mapping.set_object_type(t, QConfig(activation=activation, weight=transpose_weight))\n"
+            + tail
+        )
+
+
+@functools.lru_cache(maxsize=128)
+def _compiled(source: str):
+    return compile(source, "<qref-setup>", "exec")
+
+
+def _run(source: str) -> dict:
+    ns: dict = {"__name__": "qref_generated_setup"}
+    with warnings.catch_warnings():  # onednn's "no VNNI" accuracy warning and the like
+        warnings.simplefilter("ignore", UserWarning)
+        exec(_compiled(source), ns)
+    return ns
+
+
+def _fx_engines() -> list[str]:
+    from qref.engines import engines
+
+    return [e for e in FX_ENGINES if e in engines()] or list(FX_ENGINES)
+
+
+@st.composite
+def quant_setups(draw, flow: str, qat: bool | None = None, engine: str | None = None,
+                 model=None) -> QuantSetup:
+    """Setups of ``flow`` (``qat`` / ``engine`` drawn when None).  With ``model`` (a
+    ModelSpec) only setups that prepare it and quantize at least one of its ops."""
+    if qat is None:
+        qat = draw(st.booleans(), label="qat")
+    observers = ["minmax", "moving_average"] if qat else ["minmax", "histogram", "moving_average"]
+    if flow == "pt2e":
+        kinds = ["qref", "x86"]
+        if model is not None:
+            kinds = [k for k in kinds if QuantSetup("pt2e", qat, k, **_fixed_pt2e(k, qat)).supports(model)]
+        if not kinds:
+            raise ValueError(f"no pt2e quantizer prepares and quantizes {model!r}")
+        kind = draw(st.sampled_from(kinds), label="quantizer")
+        per_channel = draw(st.booleans(), label="per_channel")
+        if kind == "x86":
+            return QuantSetup("pt2e", qat, "x86", per_channel, **_fixed_pt2e("x86", qat))
+        return QuantSetup(
+            "pt2e", qat, "qref", per_channel,
+            act_dtype=draw(st.sampled_from(["int8", "uint8"]), label="act_dtype"),
+            symmetric=draw(st.booleans(), label="symmetric"),
+            observer=draw(st.sampled_from(observers), label="observer"),
+            reduce_range=draw(st.booleans(), label="reduce_range"),
+        )
+    if flow != "fx":
+        raise ValueError(f"flow must be 'pt2e' or 'fx', not {flow!r}")
+    engines = [engine] if engine is not None else _fx_engines()
+    if model is not None:
+        engines = [e for e in engines if QuantSetup("fx", qat, "default", engine=e,
+                                                      **_fixed_fx_default(e, qat)).supports(model)]
+        if not engines:
+            raise ValueError(f"no fx engine of {engine or FX_ENGINES} prepares {model!r}")
+    e = draw(st.sampled_from(engines), label="engine")
+    kind = draw(st.sampled_from(["default", "custom"]), label="mapping")
+    if kind == "default":
+        return QuantSetup("fx", qat, "default", engine=e, **_fixed_fx_default(e, qat))
+    return QuantSetup(
+        "fx", qat, "custom",
+        per_channel=False if e == "qnnpack" else draw(st.booleans(), label="per_channel"),
+        symmetric=draw(st.booleans(), label="symmetric"),
+        observer=draw(st.sampled_from(observers), label="observer"),
+        engine=e,
+        reduce_range=True if e in _REDUCE_RANGE_ENGINES else draw(st.booleans(), label="reduce_range"),
+    )
+
+
+def _fixed_pt2e(kind: str, qat: bool) -> dict:
+    if kind == "x86":
+        return dict(act_dtype="uint8", symmetric=False, reduce_range=False,
+                    observer="moving_average" if qat else "histogram")
+    return dict(observer="minmax")
+
+
+def _fixed_fx_default(engine: str, qat: bool) -> dict:
+    return dict(per_channel=engine != "qnnpack", symmetric=False, act_dtype="uint8",
+                reduce_range=engine in _REDUCE_RANGE_ENGINES,
+                observer="moving_average" if qat else "histogram")
+

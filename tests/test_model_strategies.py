@@ -1,0 +1,265 @@
+"""The model / setup / case strategies keep their promises (qref.strategies.models, setups, cases)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import HealthCheck, find, given, settings
+from hypothesis import strategies as st
+
+import qref.strategies.models as models_module
+from qref.observers import is_observer
+from qref.strategies import (
+    Act, BatchNorm, Cat, Conv, Linear, ModelSpec, Pool, QuantSetup, Residual, cases,
+    conv_bn_specs, model_specs, quant_setups,
+)
+from qref.strategies.models import SpecError
+
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FLOWS = [("pt2e", False), ("pt2e", True), ("fx", False), ("fx", True)]
+
+
+def _namespace() -> dict:
+    ns: dict = {}
+    exec("from qref.strategies.models import *", ns)
+    return ns
+
+
+def _weighted(spec: ModelSpec) -> list:
+    return [layer for layer in spec.all_layers() if isinstance(layer, (Conv, Linear))]
+
+
+# ---------------------------------------------------------------------------- specs
+
+@pytest.mark.parametrize("tier", ["ops", "patterns", "models"])
+@pytest.mark.parametrize("flow,qat", FLOWS)
+def test_every_spec_builds_runs_and_round_trips(flow, qat, tier):
+    @FAST
+    @given(model_specs(flow, tier, qat))
+    def check(spec):
+        model = spec.build()
+        model = model.train() if qat else model.eval()
+        with torch.no_grad():
+            out = model(torch.ones(spec.input_shape))
+        assert tuple(out.shape) == spec.output_shape
+        assert eval(repr(spec), _namespace()) == spec
+        assert _weighted(spec), "every spec has something to quantize"
+        if qat:
+            assert all(not layer.zero_gamma for layer in spec.all_layers() if isinstance(layer, BatchNorm))
+
+    check()
+
+
+@FAST
+@given(st.one_of(model_specs(tier="models"), model_specs("fx", "patterns"), conv_bn_specs()))
+def test_to_python_rebuilds_the_same_state_dict(spec):
+    ns: dict = {"__name__": "standalone"}
+    exec(spec.to_python(), ns)  # fresh namespace: nothing shared with spec.build()
+    rebuilt, built = ns["build_model"]().state_dict(), spec.build().state_dict()
+    assert list(rebuilt) == list(built)
+    for name, value in built.items():
+        assert rebuilt[name].dtype == value.dtype and torch.equal(rebuilt[name], value), name
+    assert "class Model(nn.Module)" in spec.to_python()
+
+
+@FAST
+@given(model_specs(tier="models"))
+def test_batchnorm_state_is_nontrivial(spec):
+    model = spec.build()
+    for bn_spec, bn in zip([l for l in spec.all_layers() if isinstance(l, BatchNorm)],
+                           [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]):
+        assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+        assert not torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+        zero = bn.weight == 0
+        assert zero.nonzero().flatten().tolist() == list(bn_spec.zero_gamma)
+        assert bn.eps == bn_spec.eps and bn.momentum == bn_spec.momentum
+
+
+@FAST
+@given(model_specs(tier="ops"))
+def test_ops_tier_is_one_quantizable_op(spec):
+    assert len(spec.layers) in (1, 2)
+    assert isinstance(spec.layers[0], (Conv, Linear))
+    assert spec.layers[1:] in ((), (Act("relu"),))
+
+
+@FAST
+@given(model_specs(tier="patterns"))
+def test_patterns_tier_is_one_pattern(spec):
+    kinds = {type(l) for l in spec.layers}
+    assert len(_weighted(spec)) <= 4 and len(spec.layers) <= 5
+    assert kinds & {Conv, Linear, Residual, Cat}
+
+
+@pytest.mark.parametrize("kind,wanted", [("conv_bn", BatchNorm), ("add", Residual), ("cat", Cat),
+                                          ("pool", Pool), ("linear_act", Linear)])
+def test_patterns_tier_reaches_every_kind(kind, wanted):
+    seen = []
+
+    @settings(max_examples=30, deadline=None, database=None)
+    @given(model_specs(tier="patterns", kinds=[kind]))
+    def collect(spec):
+        seen.append(any(isinstance(l, wanted) for l in spec.all_layers()))
+
+    collect()
+    assert sum(seen) >= len(seen) // 2
+
+
+def test_models_tier_reaches_branches_and_depth():
+    seen = []
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(model_specs(tier="models"))
+    def collect(spec):
+        seen.append(spec)
+
+    collect()
+    assert any(len(_weighted(s)) >= 4 for s in seen)
+    for op in ("add", "cat", "bn", "pool", "flatten", "conv1d", "conv2d", "conv_transpose", "linear"):
+        assert any(op in s.ops for s in seen), op
+    assert any(len({"add", "cat", "bn"} & s.ops) >= 2 for s in seen)
+    assert any(isinstance(l, Conv) and l.groups == l.in_channels > 1 for s in seen for l in s.all_layers())
+    assert any(isinstance(l, Conv) and 1 < l.groups < l.in_channels for s in seen for l in s.all_layers())
+    assert any(isinstance(l, BatchNorm) and l.zero_gamma for s in seen for l in s.all_layers())
+
+
+def test_shrinks_to_a_one_layer_transpose_conv():
+    spec = find(model_specs(tier="models"),
+                lambda s: any(isinstance(l, Conv) and l.transpose for l in s.all_layers()),
+                settings=settings(max_examples=500, database=None))
+    assert len(spec.layers) == 1 and spec.layers[0].transpose
+    assert spec.layers[0].kernel_size == 1 and spec.layers[0].groups == 1
+
+
+def test_shrinks_to_conv_bn():
+    spec = find(model_specs(tier="models"),
+                lambda s: any(isinstance(l, BatchNorm) for l in s.all_layers()),
+                settings=settings(max_examples=500, database=None))
+    assert [type(l) for l in spec.layers] == [Conv, BatchNorm]
+    bn = spec.layers[1]
+    assert (bn.eps, bn.momentum, bn.zero_gamma) == (1e-5, 0.1, ())  # the simplest choices
+
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(conv_bn_specs(), conv_bn_specs(qat=True, eps=st.sampled_from([1.0, 0.1]), momentum=0.5),
+       conv_bn_specs(transpose=True, groups=True, dim=2))
+def test_conv_bn_specs(spec, qat_spec, grouped_transpose):
+    assert qat_spec.layers[1].eps in (1.0, 0.1) and qat_spec.layers[1].momentum == 0.5
+    for s in (spec, qat_spec, grouped_transpose):
+        assert [type(l) for l in s.layers] == [Conv, BatchNorm]
+        s.build().eval()(torch.ones(s.input_shape))
+    assert qat_spec.layers[1].zero_gamma == ()
+    conv = grouped_transpose.layers[0]
+    assert conv.transpose and conv.groups > 1 and conv.dim == 2
+
+
+def test_malformed_specs_are_rejected():
+    with pytest.raises(SpecError):
+        ModelSpec((1, 3, 4, 4), (Conv(4, 4),))
+    with pytest.raises(SpecError):
+        ModelSpec((1, 3, 4, 4), (Residual((Conv(3, 5),)),))
+
+
+# ---------------------------------------------------------------------------- setups
+
+@pytest.mark.parametrize("flow,qat", FLOWS)
+def test_setups_round_trip_and_build(flow, qat):
+    @settings(max_examples=15, deadline=None)
+    @given(quant_setups(flow, qat=qat))
+    def check(setup):
+        assert eval(repr(setup), {"QuantSetup": QuantSetup}) == setup
+        ns: dict = {}
+        exec(setup.to_python(), ns)
+        if flow == "pt2e":
+            assert type(setup.quantizer()).__name__ in ("X86InductorQuantizer", "QrefQuantizer")
+            assert "quantizer" in ns
+        else:
+            assert setup.qconfig_mapping().global_qconfig is not None
+            assert setup.backend_config() is not None and "backend_config" in ns
+
+    check()
+
+
+def test_setups_refuse_what_they_do_not_do():
+    with pytest.raises(ValueError):
+        QuantSetup("pt2e", kind="x86", act_dtype="int8")  # X86 activations are uint8
+    with pytest.raises(ValueError):
+        QuantSetup("fx", kind="default", engine="fbgemm", reduce_range=False)
+    conv1d = ModelSpec((2, 3, 5), (Conv(3, 4, dim=1),))
+    assert not QuantSetup("pt2e", kind="x86").supports(conv1d)
+    assert find(quant_setups("pt2e", model=conv1d), lambda s: True).kind == "qref"
+
+
+# ---------------------------------------------------------------------------- cases
+
+def _observers(model) -> int:
+    return sum(1 for m in model.modules() if is_observer(m))
+
+
+@pytest.mark.parametrize("flow,qat", FLOWS)
+def test_cases_prepare_with_observers(flow, qat):
+    @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(cases(flow, tier="patterns", qat=qat))
+    def check(case):
+        first, second = case.prepared(), case.prepared()
+        assert first is not second and _observers(first) > 0
+        assert case.setup.flow == flow and case.setup.qat == qat
+        assert 2 <= len(case.calibration) <= 4
+        assert len(case.inputs) == len(case.input_labels) == 4
+        with torch.no_grad():
+            for args in case.inputs:
+                assert torch.isfinite(case.float_model()(*args)).all()
+                first(*args)
+        # a converter mutating its input does not leak into the next prepared() copy
+        for p in first.parameters():
+            p.data.add_(1.0)
+        for a, b in zip(second.state_dict().values(), case.prepared().state_dict().values()):
+            assert torch.equal(a, b)
+
+    check()
+
+
+def test_x86_setups_quantize_their_cases():
+    @settings(max_examples=6, deadline=None)
+    @given(cases("pt2e", tier="ops", qat=False).filter(lambda c: c.setup.kind == "x86"))
+    def check(case):
+        assert _observers(case.prepared()) > 0
+
+    check()
+
+
+def test_reproducer_script_rebuilds_model_and_inputs(tmp_path):
+    case = find(cases("fx", tier="patterns", qat=False),
+                lambda c: any(isinstance(l, BatchNorm) for l in c.spec.all_layers()),
+                settings=settings(max_examples=200, database=None))
+    script = tmp_path / "repro.py"
+    script.write_text(case.to_python("qref-fx"))
+    case.save_inputs(tmp_path / "inputs.pt")
+    torch.save(case.spec.build().state_dict(), tmp_path / "expected.pt")
+    check = textwrap.dedent(f"""
+        import runpy, torch
+        ns = runpy.run_path({str(script)!r}, run_name="qref_repro")
+        expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+        got = ns["build_model"]().state_dict()
+        assert list(got) == list(expected)
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+        assert len(ns["CALIBRATION"]) == {len(case.calibration)} and len(ns["INPUTS"]) == 4
+        assert ns["LABELS"] == {list(case.input_labels)!r}
+        assert torch.equal(ns["INPUTS"][1][0], torch.load({str(tmp_path / 'inputs.pt')!r})["input_1_0"])
+        prepared = ns["prepare"]()
+        assert "qconfig_mapping" in ns and "backend_config" in ns
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+    compile(case.to_python("torchao-pt2e"), "repro.py", "exec")
+
+
+def test_model_strategies_module_exports():
+    for name in models_module.__all__:
+        assert hasattr(models_module, name)
