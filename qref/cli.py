@@ -1,2 +1,212 @@
-def main():
-    raise SystemExit("qref check: not yet available")
+"""``qref check CONVERTER``: run the installed property suite against a converter.
+
+Exit status: 0 when every property holds (expected failures from the expectations file excepted),
+1 when any fails or is left unrun, 2 for a usage error (one line on stderr saying what to fix).
+Everything after ``--`` goes to pytest unchanged (``-x``, ``-k EXPR``, ``-n 2``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main", "suite_dir", "pytest_args"]
+
+_DESCRIPTION = """\
+Run qref's property suite against CONVERTER and print a conformance table
+(property family x property -> passed / failed / expected failure / not run).
+
+CONVERTER is one of
+  qref-pt2e     qref.convert_pt2e                        (pt2e flow)
+  torchao-pt2e  torchao.quantization.pt2e convert_pt2e   (pt2e flow)
+  qref-fx       qref.convert_fx                          (fx flow)
+  torch-fx      torch.ao.quantization.quantize_fx.convert_fx (fx flow)
+  module:attr   a callable importable from the current directory or PYTHONPATH
+  NAME          a callable registered under the entry-point group qref.converters
+
+A pt2e converter is called as convert(model, use_reference_representation=False,
+fold_quantize=True) and must return a torch.fx.GraphModule; an fx converter as
+convert(model, convert_custom_config=None, _remove_qconfig=True,
+qconfig_mapping=None, backend_config=None) and must return an nn.Module. Keyword
+arguments it does not accept are not exercised (the report says which).
+"""
+
+_EPILOG = """\
+exit status: 0 every property holds (expected failures excepted), 1 some property
+fails or was not run, 2 usage error.
+
+examples:
+  qref check torchao-pt2e
+  qref check mypkg.lowering:convert --flow pt2e --report conformance.json --artifacts repro/
+  qref check torch-fx --profile thorough -- -n 4 -k equivalence
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the usage first)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="qref",
+        description="qref: verification and reference suite for PyTorch quantization conversion.",
+        epilog="Run `qref check --help` for the options of the check command.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    check = commands.add_parser(
+        "check",
+        help="run the property suite against a converter and report conformance",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="qref check CONVERTER [options] [-- PYTEST_ARGS...]",
+    )
+    check.add_argument("converter", metavar="CONVERTER", help="the converter to check (see above)")
+    check.add_argument(
+        "--flow",
+        choices=("pt2e", "fx"),
+        help="the converter's flow (inferred for built-ins and from the keyword arguments it takes)",
+    )
+    check.add_argument(
+        "--profile",
+        choices=("quick", "default", "thorough"),
+        help="Hypothesis profile: quick (20 examples per property), default (100), thorough (1000)",
+    )
+    check.add_argument(
+        "--engine",
+        action="extend",
+        nargs="+",
+        metavar="NAME",
+        help="quantized engine(s) to exercise (default: every engine that runs here)",
+    )
+    check.add_argument("--report", metavar="FILE.json", help="write the conformance report as JSON")
+    check.add_argument(
+        "--artifacts",
+        metavar="DIR",
+        help="write a reproducer (repro.py + inputs.pt) per failing property into DIR",
+    )
+    check.add_argument(
+        "--expectations",
+        metavar="FILE",
+        help="TOML file of expected failures with reasons (default: qref's own list)",
+    )
+    check.add_argument(
+        "--expected-as-skip",
+        action="store_true",
+        help="skip expected failures instead of running them (faster)",
+    )
+    check.add_argument("--seed", type=int, metavar="N", help="Hypothesis seed, for a repeatable run")
+    check.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help="time limit in seconds for one converter call (a hang fails the property)",
+    )
+    return parser
+
+
+def suite_dir() -> Path:
+    """The directory of the installed property suite (the package ``qref.properties``)."""
+    spec = importlib.util.find_spec("qref.properties")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the package qref.properties is not installed: reinstall qref")
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
+
+
+def default_expectations() -> str:
+    return str(importlib.resources.files("qref").joinpath("default_expectations.toml"))
+
+
+def pytest_args(options: argparse.Namespace, flow: str, suite: Path, passthrough: list[str]) -> list[str]:
+    """pytest's command line for a check: the suite, isolated from the current directory's config."""
+    args = [
+        str(suite),
+        # Run the suite as installed, whatever directory we are in: no ini file of the user's
+        # project (-c os.devnull), the suite's own rootdir, no conftest above it, no cache writes.
+        "-c", os.devnull,
+        "--rootdir", str(suite.parent),
+        "--confcutdir", str(suite),
+        "-p", "no:cacheprovider",
+        # pytest marks the plugin's distribution (all of qref) for assertion rewriting and warns
+        # that the package is already imported: by this command, before pytest starts.  Modules
+        # imported later (the suite's helpers) are still rewritten.
+        "-W", "ignore:Module already imported so cannot be rewritten; qref:pytest.PytestAssertRewriteWarning",
+        "-ra",
+        # torch's tracing loggers emit DEBUG records; a failure's captured log shows warnings up
+        "-o", "log_level=WARNING",
+        "--qref-converter", options.converter,
+        "--qref-flow", flow,
+        "--qref-expectations", options.expectations or default_expectations(),
+    ]  # fmt: skip
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        args += ["-p", "qref.plugin"]  # the pytest11 entry point is not loaded then
+    if options.profile:
+        args += ["--qref-profile", options.profile]
+    for engine in options.engine or ():
+        args += ["--qref-engine", engine]
+    if options.report:
+        args += ["--qref-report", options.report]
+    if options.artifacts:
+        args += ["--qref-artifacts", options.artifacts]
+    if options.expected_as_skip:
+        args.append("--qref-expected-as-skip")
+    if options.seed is not None:
+        args += ["--qref-seed", str(options.seed)]
+    if options.timeout is not None:
+        args += ["--qref-timeout", str(options.timeout)]
+    return args + passthrough
+
+
+def _usage_error(message: str) -> int:
+    print(f"qref check: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
+    else:
+        passthrough = []
+    parser = _parser()
+    options = parser.parse_args(argv)
+    if options.command != "check":
+        parser.print_help()
+        return 2
+    if options.timeout is not None and options.timeout <= 0:
+        return _usage_error(f"--timeout must be a positive number of seconds, not {options.timeout:g}")
+    if options.expectations and not Path(options.expectations).is_file():
+        return _usage_error(f"expectations file {options.expectations!r} does not exist")
+
+    # Validate the converter before anything runs: a typo should cost a second, not a suite.
+    from qref.converters import UsageError, resolve
+
+    try:
+        converter = resolve(options.converter, options.flow)
+    except UsageError as exc:
+        return _usage_error(str(exc))
+    try:
+        suite = suite_dir()
+    except FileNotFoundError as exc:
+        return _usage_error(str(exc))
+
+    import pytest
+
+    status = pytest.main(pytest_args(options, converter.flow, suite, passthrough))
+    if status == pytest.ExitCode.OK:
+        return 0
+    if status == pytest.ExitCode.USAGE_ERROR:
+        return 2
+    if status == pytest.ExitCode.NO_TESTS_COLLECTED:
+        print("qref check: no property was run (check the -k/-m filters after --)", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""Expected failures and tolerance overrides, each with a reason, read from a TOML file.
+
+::
+
+    [[expect]]
+    test = "qat_prepare_keeps_bn_eps"   # which tests (see below)
+    reason = "torchao 0.18 prepare_qat_pt2e resets BatchNorm eps"   # mandatory
+    torch = ">=2.13"      # optional: only with these torch versions (PEP 440 specifier)
+    engine = "fbgemm"     # optional: only when this quantized engine is exercised
+    max_lsb = 2           # optional: not an expected failure but a looser tolerance (in LSB)
+
+``test`` is a glob matched against the test id (``properties/test_x.py::test_y[params]``), the id
+without its parameters, the test function's name and the property name (the function name
+without ``test_``); ``re:<regex>`` searches the test id instead.  An entry without ``max_lsb`` marks
+the tests it matches as expected failures (xfail, not strict; or skipped with
+``--qref-expected-as-skip``).  An entry with ``max_lsb`` lets those tests run with that tolerance;
+properties read it with :func:`qref_tolerance_override`.  Entries whose conditions do not hold are
+inactive; active entries that match no collected test are reported.
+
+This module imports neither torch nor hypothesis.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "Expectation",
+    "ExpectationsError",
+    "TOLERANCE_MARKER",
+    "load",
+    "qref_tolerance_override",
+]
+
+TOLERANCE_MARKER = "qref_max_lsb"
+_KEYS = {"test", "reason", "torch", "engine", "max_lsb"}
+
+
+class ExpectationsError(Exception):
+    """The expectations file cannot be used; the message is one line saying what to fix."""
+
+
+@dataclass(frozen=True)
+class Expectation:
+    index: int  # position in the file, 0-based
+    test: str
+    reason: str
+    torch: str | None = None
+    engine: str | None = None
+    max_lsb: float | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"xfail"`` (expected failure) or ``"tolerance"`` (runs with ``max_lsb``)."""
+        return "xfail" if self.max_lsb is None else "tolerance"
+
+    def matches(self, nodeid: str, function_name: str | None = None) -> bool:
+        if self.test.startswith("re:"):
+            return re.search(self.test[3:], nodeid) is not None
+        name = function_name or nodeid.split("::")[-1].split("[")[0]
+        candidates = (nodeid, nodeid.split("[")[0], name, name.removeprefix("test_"))
+        return any(fnmatch.fnmatchcase(c, self.test) for c in candidates)
+
+    def inactive_because(self, torch_version: str | None, engines: list[str] | None) -> str | None:
+        """Why the conditions do not hold here, or ``None`` when the entry applies."""
+        if self.torch is not None:
+            from packaging.specifiers import SpecifierSet
+            from packaging.version import Version
+
+            if torch_version is None:
+                return "torch is not installed"
+            if not SpecifierSet(self.torch).contains(Version(torch_version), prereleases=True):
+                return f"torch {torch_version} is not {self.torch}"
+        if self.engine is not None and self.engine not in (engines or []):
+            return f"engine {self.engine} is not exercised"
+        return None
+
+    def to_json(self) -> dict:
+        d = {"test": self.test, "reason": self.reason, "kind": self.kind}
+        for key in ("torch", "engine", "max_lsb"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        return d
+
+
+def load(path: str | Path) -> list[Expectation]:
+    """The entries of the file at ``path``; raises :class:`ExpectationsError` when it is wrong."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExpectationsError(f"expectations file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExpectationsError(f"cannot read expectations file {str(path)!r}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ExpectationsError(f"{path}: not valid TOML: {exc}") from None
+    unknown_tables = set(data) - {"expect"}
+    if unknown_tables:
+        raise ExpectationsError(
+            f"{path}: unknown top-level key(s) {sorted(unknown_tables)}; entries are [[expect]] tables"
+        )
+    entries = data.get("expect", [])
+    if not isinstance(entries, list):
+        raise ExpectationsError(f"{path}: 'expect' must be an array of tables: write [[expect]]")
+    return [_entry(path, i, e) for i, e in enumerate(entries)]
+
+
+def _entry(path: Path, index: int, entry: dict) -> Expectation:
+    where = f"{path}: [[expect]] #{index + 1}"
+    unknown = set(entry) - _KEYS
+    if unknown:
+        raise ExpectationsError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(_KEYS)}")
+    test = entry.get("test")
+    if not isinstance(test, str) or not test.strip():
+        raise ExpectationsError(f"{where}: 'test' (a glob or re:<regex> on the test id) is missing")
+    reason = entry.get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ExpectationsError(f"{where} ({test!r}): 'reason' is mandatory: say why it is expected")
+    if test.startswith("re:"):
+        try:
+            re.compile(test[3:])
+        except re.error as exc:
+            raise ExpectationsError(f"{where}: 'test' is not a valid regex: {exc}") from None
+    torch_spec = entry.get("torch")
+    if torch_spec is not None:
+        from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+        try:
+            SpecifierSet(str(torch_spec))
+        except InvalidSpecifier:
+            raise ExpectationsError(
+                f"{where}: 'torch' = {torch_spec!r} is not a version specifier like '>=2.13'"
+            ) from None
+    engine = entry.get("engine")
+    if engine is not None and not isinstance(engine, str):
+        raise ExpectationsError(f"{where}: 'engine' must be a string such as 'fbgemm'")
+    max_lsb = entry.get("max_lsb")
+    if max_lsb is not None and (
+        isinstance(max_lsb, bool) or not isinstance(max_lsb, (int, float)) or max_lsb < 0
+    ):
+        raise ExpectationsError(f"{where}: 'max_lsb' must be a non-negative number")
+    return Expectation(
+        index, test.strip(), reason.strip(), None if torch_spec is None else str(torch_spec), engine, max_lsb
+    )
+
+
+def qref_tolerance_override(request) -> int | float | None:
+    """The ``max_lsb`` an expectations entry sets for this test, or ``None`` (use the default)."""
+    marker = request.node.get_closest_marker(TOLERANCE_MARKER)
+    return None if marker is None else marker.args[0]
