@@ -146,3 +146,21 @@ def test_reference_representation_matches_torchao(prepared_cache, model_name):
         args = inputs(model_name, 0, scale)
         with torch.no_grad():
             assert torch.equal(got(*args), expected(*args))
+
+
+def test_observer_shared_under_two_names_is_removed():
+    """Found by the property suite: a cat's inputs share one observer (SharedQuantizationSpec),
+    registered under two names; GraphModule.delete_all_unused_submodules sees it once and left
+    the second name behind."""
+    from qref.observers import is_observer
+    from qref.strategies.cases import prepare_case
+    from qref.strategies.models import Cat, Conv, ModelSpec
+    from qref.strategies.setups import QuantSetup
+
+    spec = ModelSpec(input_shape=(2, 1, 1), layers=(Cat(left=(Conv(1, 1, dim=1),), right=(Conv(1, 1, dim=1),)),))
+    setup = QuantSetup("pt2e", kind="qref", per_channel=False, act_dtype="int8", observer="minmax")
+    prepared = prepare_case(spec, setup, [(torch.linspace(-1, 1, 2).reshape(2, 1, 1),)])
+    aliases = [name for name, m in prepared._modules.items() if is_observer(m)]
+    assert len(aliases) > len({id(prepared._modules[n]) for n in aliases}), "no shared observer: test is vacuous"
+    converted = qref.convert_pt2e(prepared)
+    assert not [name for name, m in converted._modules.items() if is_observer(m)]

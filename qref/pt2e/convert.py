@@ -13,6 +13,7 @@ import logging
 import torch
 from torch import fx
 
+from ..observers import is_observer
 from . import validate
 from .duplicate_dq import duplicate_dequantize
 from .fold_qat_bn import fold_qat_conv_bn
@@ -79,6 +80,12 @@ def _remove_unused(gm: fx.GraphModule) -> None:
                 delattr(gm, node.target)
             graph.erase_node(node)
     gm.delete_all_unused_submodules()
+    # That walk sees a module shared under two names (an observer shared through a
+    # SharedQuantizationSpec, e.g. around a cat) only once, so the second name survives it.
+    called = {node.target for node in graph.find_nodes(op="call_module")}
+    for name, child in list(gm._modules.items()):  # named_children() also skips aliases
+        if name not in called and is_observer(child):
+            delattr(gm, name)
 
 
 def _unshare_tensors(converted: fx.GraphModule, prepared: fx.GraphModule) -> None:
