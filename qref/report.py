@@ -177,7 +177,7 @@ class Row:
             "counts": self.counts,
             "max_lsb": self.max_lsb,
             "reason": self.reason,
-            "tests": [t.to_json() for t in self.tests],
+            "tests": [t.nodeid for t in self.tests],  # details in the report's top-level "tests"
         }
 
 
@@ -271,11 +271,16 @@ def build_json(
         "converter": converter,
         "environment": environment,
         "exit_status": exit_status,
-        # every property holds: nothing failed or was left unrun, and pytest agrees
-        "all_hold": exit_status == 0 and c["failed"] == 0 and c["not run"] == 0 and not collection_errors,
+        # every property holds: something ran, nothing failed or was left unrun, and pytest agrees
+        "all_hold": bool(outcomes)
+        and exit_status == 0
+        and c["failed"] == 0
+        and c["not run"] == 0
+        and not collection_errors,
         "counts": c,
         # test modules that could not be imported: their properties were not checked
         "collection_errors": collection_errors,
         "properties": [r.to_json() for r in rows(outcomes)],
+        "tests": [o.to_json() for o in sorted(outcomes, key=lambda o: o.nodeid)],
         "expectations": expectations,
     }

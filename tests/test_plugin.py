@@ -116,7 +116,9 @@ def _report(pytester, name="report.json"):
 
 
 def _by_property(document):
-    return {p["property"]: p for p in document["properties"]}
+    """Rows by property name, each with its tests' records (the report lists them apart)."""
+    tests = {t["nodeid"]: t for t in document["tests"]}
+    return {p["property"]: dict(p, tests=[tests[n] for n in p["tests"]]) for p in document["properties"]}
 
 
 # --- options, inertness --------------------------------------------------------------------------
@@ -298,6 +300,8 @@ def _check_report(document, *, xdist):
     assert document["counts"]["passed"] == 4
     assert document["counts"]["failed"] == 1
     assert document["counts"]["not run"] == 1
+    statuses = {t["nodeid"]: t["status"] for t in document["tests"]}
+    assert statuses["test_bad.py::test_ops_bad"] == "failed" and len(statuses) == 6
     rows = _by_property(document)
     assert rows["prim"]["max_lsb"] == 0.5
     assert rows["prim"]["tests"][0]["notes"] == ["checked 3 layouts"]
