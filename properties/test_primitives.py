@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 from qref import reference_numpy as ref
 from qref.strategies import FLOAT32_MAX, QDType, as_layout, float_tensors, layouts, qdtypes, qparams, shapes
 
+pytestmark = [pytest.mark.qref_family("primitives"), pytest.mark.qref_tier("primitives")]
+
 qd = torch.ops.quantized_decomposed
 INT32_MIN = -(2**31)
 

@@ -98,6 +98,9 @@ class QuantSetup:
         if any(conv.transpose and conv.groups > 1 for conv, _ in spec.conv_bn_pairs()):
             return False  # torch/torchao cannot fold grouped ConvTranspose + BN (prepare raises)
         if self.flow == "pt2e":
+            if self.per_channel and any(type(layer).__name__ == "Conv" and layer.transpose and layer.groups > 1
+                                        for layer in spec.all_layers()):
+                return False  # per-channel observers size a grouped ConvTranspose's scales wrongly
             if self.kind == "x86":  # X86InductorQuantizer annotates conv2d and linear
                 return bool(ops & {"conv2d", "linear"})
             return bool(ops & {"conv1d", "conv2d", "conv_transpose", "linear"})
@@ -253,13 +256,14 @@ def quant_setups(draw, flow: str, qat: bool | None = None, engine: str | None = 
         qat = draw(st.booleans(), label="qat")
     observers = ["minmax", "moving_average"] if qat else ["minmax", "histogram", "moving_average"]
     if flow == "pt2e":
-        kinds = ["qref", "x86"]
+        choices = [(k, pc) for k in ("qref", "x86") for pc in (False, True)]
         if model is not None:
-            kinds = [k for k in kinds if QuantSetup("pt2e", qat, k, **_fixed_pt2e(k, qat)).supports(model)]
-        if not kinds:
+            choices = [(k, pc) for k, pc in choices
+                       if QuantSetup("pt2e", qat, k, pc, **_fixed_pt2e(k, qat)).supports(model)]
+        if not choices:
             raise ValueError(f"no pt2e quantizer prepares and quantizes {model!r}")
-        kind = draw(st.sampled_from(kinds), label="quantizer")
-        per_channel = draw(st.booleans(), label="per_channel")
+        kind = draw(st.sampled_from(sorted({k for k, _ in choices}, key=["qref", "x86"].index)), label="quantizer")
+        per_channel = draw(st.sampled_from([pc for k, pc in choices if k == kind]), label="per_channel")
         if kind == "x86":
             return QuantSetup("pt2e", qat, "x86", per_channel, **_fixed_pt2e("x86", qat))
         return QuantSetup(

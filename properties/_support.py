@@ -1,0 +1,77 @@
+"""What every property needs: example budgets per tier, and the converter under test behind a guard.
+
+A property never calls the converter directly: ``Subject.convert`` turns a converter that raises,
+hangs (``--qref-timeout``), returns the wrong type or an output with NaN/inf into a failure of
+*that* property with a message saying so, and the suite carries on.  A converter that hung once
+fails the rest of that test's examples at once, so shrinking does not wait for it again.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import settings
+
+# max_examples per tier.  Primitives are cheap; a model-level example costs an export, a
+# prepare, two conversions and a comparison (~0.3-1 s here).
+PROFILES = {
+    "quick": {"primitives": 20, "ops": 6, "patterns": 5, "models": 4},
+    "default": {"primitives": 100, "ops": 30, "patterns": 25, "models": 20},
+    "thorough": {"primitives": 1000, "ops": 200, "patterns": 150, "models": 100},
+}
+_SHARE = {tier: n / PROFILES["quick"]["primitives"] for tier, n in PROFILES["quick"].items()}
+
+
+def budget(tier: str):
+    """``@settings`` for a property of ``tier``: the loaded profile's budget scaled to the tier."""
+    return settings(max_examples=max(2, round(settings().max_examples * _SHARE[tier])))
+
+
+class Subject:
+    """The converter under test, as the properties see it."""
+
+    def __init__(self, converter, timeout, record):
+        self.converter = converter
+        self.timeout = timeout
+        self.record = record
+        self._hung = None
+
+    @property
+    def target(self) -> str:
+        return self.converter.target
+
+    def accepts(self, keyword: str) -> bool:
+        return keyword in self.converter.accepted
+
+    def require(self, keyword: str) -> None:
+        """Skip a property that exercises ``keyword`` when the converter does not accept it."""
+        if not self.accepts(keyword):
+            pytest.skip(f"not exercised: {self.target} does not accept {keyword}=")
+
+    def convert(self, case, model=None, **kwargs):
+        """Convert ``model`` (default: a fresh copy of the case's prepared model) under the guard."""
+        from qref.converters import ConverterMisbehaved, call_guarded
+
+        if self._hung:
+            self.fail(case, f"the converter hung earlier in this test ({self._hung}); not called again")
+        kwargs = {k: v for k, v in kwargs.items() if self.accepts(k)}
+        model = case.prepared() if model is None else model
+        try:
+            return call_guarded(self.converter, model, timeout=self.timeout, **kwargs)
+        except ConverterMisbehaved as error:
+            if error.kind == "timeout":
+                self._hung = str(error)
+            self.fail(case, f"the converter {error.kind}: {error}")
+
+    def fail(self, case, message: str):
+        """Fail the property with ``message``, the case that shows it and a reproducer."""
+        self.record.reproducer(case.to_python(self.target), case.tensors())
+        pytest.fail(f"{message}\n\n{describe(case)}", pytrace=False)
+
+
+def outputs_ok(comparison) -> bool:
+    """Only the final outputs hold (for forms whose inner quantize nodes legitimately differ)."""
+    return all(r.ok for r in comparison.outputs.values())
+
+
+def describe(case) -> str:
+    return f"model: {case.spec!r}\nsetup: {case.setup!r}"

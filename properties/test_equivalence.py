@@ -1,0 +1,118 @@
+"""Property family 2: the converter under test vs. qref's reference conversion of the same model.
+
+pt2e: both results are quantize/dequantize graphs, compared in integers at every quantize node
+(``qref.compare``): exact, and a failure names the first node that diverges.  With
+``use_reference_representation=True`` the candidate's integer arithmetic replaces float
+requantization: each requantization may round differently (a fixed-point multiplier and shift
+instead of a float32 multiply), so the budget is 1 LSB per requantization on the path.
+
+FX: the candidate is lowered onto quantized kernels.  Against qref's lowering under the same
+engine it must agree exactly (same packed weights and qparams give the same kernel output; onednn
+pinned to one thread, see qref.engines.ONEDNN_THREADS); its per-layer distance to the
+reference-decomposed model is the kernel family's business.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import qref
+from qref.compare import EXACT, Tolerance, compare
+from qref.strategies import cases
+
+from ._support import budget, outputs_ok
+
+pytestmark = pytest.mark.qref_family("equivalence")
+
+REFERENCE_REPRESENTATION = Tolerance(
+    lsb=0, per_depth=1,
+    cause="reference representation requantizes with an integer multiplier and shift instead of a "
+          "float32 multiply: each requantization may round 1 LSB differently",
+)
+
+
+def _pt2e_matches_reference(subject, case, fold_quantize: bool):
+    reference = qref.convert_pt2e(case.prepared(), fold_quantize=fold_quantize)
+    candidate = subject.convert(case, fold_quantize=fold_quantize)
+    result = compare(reference, candidate, case.inputs, EXACT)
+    subject.record.lsb(result.max_lsb)
+    if not result.ok:
+        subject.fail(case, f"{subject.target} vs qref reference (fold_quantize={fold_quantize}):\n"
+                           f"{result.message()}")
+
+
+@pytest.mark.qref_flow("pt2e")
+@pytest.mark.qref_tier("ops")
+@budget("ops")
+@given(case=cases("pt2e", tier="ops"), fold_quantize=st.booleans())
+def test_single_op_matches_reference(subject, case, fold_quantize):
+    _pt2e_matches_reference(subject, case, fold_quantize)
+
+
+@pytest.mark.qref_flow("pt2e")
+@pytest.mark.qref_tier("patterns")
+@budget("patterns")
+@given(case=cases("pt2e", tier="patterns"), fold_quantize=st.booleans())
+def test_pattern_matches_reference(subject, case, fold_quantize):
+    _pt2e_matches_reference(subject, case, fold_quantize)
+
+
+@pytest.mark.qref_flow("pt2e")
+@pytest.mark.qref_tier("models")
+@budget("models")
+@given(case=cases("pt2e", tier="models"), fold_quantize=st.booleans())
+def test_model_matches_reference(subject, case, fold_quantize):
+    _pt2e_matches_reference(subject, case, fold_quantize)
+
+
+@pytest.mark.qref_flow("pt2e")
+@pytest.mark.qref_tier("patterns")
+@budget("patterns")
+@given(case=cases("pt2e", tier="patterns", qat=False))
+def test_reference_representation_matches_reference(subject, case):
+    subject.require("use_reference_representation")
+    reference = qref.convert_pt2e(case.prepared())
+    candidate = subject.convert(case, use_reference_representation=True)
+    # Only the outputs are judged: integer arithmetic replaces the inner quantize nodes.
+    result = compare(reference, candidate, case.inputs, REFERENCE_REPRESENTATION)
+    subject.record.lsb(result.output_lsb or 0)
+    if not outputs_ok(result):
+        subject.fail(case, f"{subject.target}(use_reference_representation=True) vs qref reference:\n"
+                           f"{result.message()}")
+
+
+def _fx_matches_reference(subject, case):
+    with qref.use_engine(case.setup.engine, threads=1):
+        reference = qref.convert_fx(case.prepared())
+        candidate = subject.convert(case)
+        result = compare(reference, candidate, case.inputs, EXACT)
+    subject.record.lsb(result.max_lsb)
+    if not result.ok:
+        subject.fail(case, f"{subject.target} vs qref.convert_fx, both lowered on {case.setup.engine}:\n"
+                           f"{result.message()}")
+
+
+@pytest.mark.qref_flow("fx")
+@pytest.mark.qref_tier("ops")
+@budget("ops")
+@given(case=cases("fx", tier="ops"))
+def test_fx_single_op_matches_reference(subject, case):
+    _fx_matches_reference(subject, case)
+
+
+@pytest.mark.qref_flow("fx")
+@pytest.mark.qref_tier("patterns")
+@budget("patterns")
+@given(case=cases("fx", tier="patterns"))
+def test_fx_pattern_matches_reference(subject, case):
+    _fx_matches_reference(subject, case)
+
+
+@pytest.mark.qref_flow("fx")
+@pytest.mark.qref_tier("models")
+@budget("models")
+@given(case=cases("fx", tier="models"))
+def test_fx_model_matches_reference(subject, case):
+    _fx_matches_reference(subject, case)
