@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# qref developer entry point.  Usage: ./dev.sh {setup|test|demo|bench} [args...]
+# qref developer entry point.  Usage: ./dev.sh {setup|test|check|bench|suite-speed} [args...]
 #   setup  create .venv (if missing) and install qref editable with test extras,
 #          pinned by constraints.txt; skipped while .venv/.qref-stamp is current
 #   test   setup, then pytest -q [args...]
-#   demo   setup, then benchmarks/convert_speed.py --quick [args...]
+#   check  setup, then `qref check [args...]` (default: torchao-pt2e with the conformance
+#          table, report in qref-report.json): the property suite against a real converter
 #   bench  setup, then benchmarks/convert_speed.py [args...]
+#   suite-speed  setup, then benchmarks/suite_speed.py [args...]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -45,16 +47,23 @@ case "$cmd" in
         setup
         exec "$PY" -m pytest -q "$@"
         ;;
-    demo)
+    check)
         setup
-        exec "$PY" benchmarks/convert_speed.py --quick "$@"
+        if [[ $# -eq 0 ]]; then
+            set -- torchao-pt2e --report qref-report.json
+        fi
+        exec "$VENV/bin/qref" check "$@"
+        ;;
+    suite-speed)
+        setup
+        exec "$PY" benchmarks/suite_speed.py "$@"
         ;;
     bench)
         setup
         exec "$PY" benchmarks/convert_speed.py "$@"
         ;;
     *)
-        echo "usage: $0 {setup|test|demo|bench} [args...]" >&2
+        echo "usage: $0 {setup|test|check|bench|suite-speed} [args...]" >&2
         exit 2
         ;;
 esac

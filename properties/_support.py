@@ -21,9 +21,16 @@ PROFILES = {
 _SHARE = {tier: n / PROFILES["quick"]["primitives"] for tier, n in PROFILES["quick"].items()}
 
 
-def budget(tier: str):
+def budget(tier: str, **overrides):
     """``@settings`` for a property of ``tier``: the loaded profile's budget scaled to the tier."""
-    return settings(max_examples=max(2, round(settings().max_examples * _SHARE[tier])))
+    return settings(max_examples=max(2, round(settings().max_examples * _SHARE[tier])), **overrides)
+
+
+@pytest.fixture
+def subject(qref_converter, qref_timeout, qref_record):
+    """The converter under test behind the suite's guard.  Test modules import this fixture, so
+    ``from qref.properties.test_x import *`` brings it along when a project embeds the suite."""
+    return Subject(qref_converter, qref_timeout, qref_record)
 
 
 class Subject:

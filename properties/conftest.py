@@ -1,4 +1,4 @@
-"""Hypothesis profiles and the ``subject`` fixture of qref's property suite.
+"""Hypothesis profiles of qref's property suite (fixtures come from the plugin and ``_support``).
 
 Profiles: ``quick`` (the default), ``default``, ``thorough``; ``--qref-profile`` (or
 ``QREF_PROFILE``) chooses one, ``--hypothesis-profile`` still wins.  A profile sets
@@ -14,12 +14,17 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import HealthCheck, settings
+import torch
+from hypothesis import HealthCheck, Phase, settings
 
-from ._support import PROFILES, Subject
+from ._support import PROFILES
 
+# QREF_SHRINK=0 drops the shrink phase: a failure is reported with the example as found. For
+# runs that only need the verdict (the mutant-kill test); shrinking re-prepares many models.
+_PHASES = [p for p in Phase if p is not Phase.shrink or os.environ.get("QREF_SHRINK", "1") != "0"]
 _COMMON = dict(
     deadline=None,
+    phases=_PHASES,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
@@ -37,7 +42,21 @@ def pytest_configure(config):
     settings.load_profile(name)
 
 
-@pytest.fixture
-def subject(qref_converter, qref_timeout, qref_record):
-    """The converter under test, called through the suite's guard (errors, hangs, bad results)."""
-    return Subject(qref_converter, qref_timeout, qref_record)
+def pytest_collection_modifyitems(config, items):
+    """A plain ``pytest`` run (plugin inert) applies the default expectations, like ``qref check``."""
+    from qref.plugin import _active
+
+    if _active(config):
+        return  # the plugin applies the expectations it was given
+    from importlib.resources import files
+
+    from qref.expectations import load
+
+    entries = [e for e in load(files("qref") / "default_expectations.toml")
+               if e.kind == "xfail" and e.inactive_because(torch.__version__, None) is None]
+    for item in items:
+        name = getattr(item, "originalname", None) or item.name.split("[")[0]
+        for e in entries:
+            if e.matches(item.nodeid, name):
+                item.add_marker(pytest.mark.xfail(reason=e.reason, strict=False))
+                break

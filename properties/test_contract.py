@@ -19,7 +19,7 @@ from qref.observers import is_observer
 from qref.pt2e.ops import DEQUANTIZE, QUANTIZE, is_call, real_users
 from qref.strategies import cases
 
-from ._support import budget, outputs_ok
+from ._support import budget, outputs_ok, subject  # noqa: F401 (subject: fixture)
 
 pytestmark = pytest.mark.qref_family("contract")
 

@@ -22,7 +22,7 @@ import qref
 from qref.compare import EXACT, Tolerance, compare
 from qref.strategies import cases
 
-from ._support import budget, outputs_ok
+from ._support import budget, outputs_ok, subject  # noqa: F401 (subject: fixture)
 
 pytestmark = pytest.mark.qref_family("equivalence")
 

@@ -21,7 +21,7 @@ from qref.compare import Tolerance, compare_lowered, quantize_points
 from qref.engines import known_deviation
 from qref.strategies import cases
 
-from ._support import budget
+from ._support import budget, subject  # noqa: F401 (subject: fixture)
 
 pytestmark = [pytest.mark.qref_family("kernels"), pytest.mark.qref_flow("fx")]
 
@@ -46,6 +46,13 @@ def _largest_uint8(reference, inputs) -> int | None:
     return max(values, default=None)
 
 
+def _smallest_scale(reference) -> float | None:
+    """The smallest activation scale in the reference (a zero-range calibration makes it eps)."""
+    scales = [float(getattr(reference, n.args[1].target)) for n in reference.graph.nodes
+              if n.target is torch.quantize_per_tensor and isinstance(n.args[1], torch.fx.Node)]
+    return min(scales, default=None)
+
+
 @pytest.mark.qref_tier("ops")
 @budget("ops")
 @given(data=st.data())
@@ -58,7 +65,8 @@ def test_lowered_within_kernel_contract(subject, engine, data):
     if result.ok:
         return
     deviation = known_deviation(engine, case.setup.reduce_range, threads=1,
-                                input_max=_largest_uint8(reference, case.inputs))
+                                input_max=_largest_uint8(reference, case.inputs),
+                                input_scale=_smallest_scale(reference))
     if deviation:
         event(f"known kernel deviation on {engine}")
         subject.record.note(f"{engine}: {result.max_lsb} LSB, known deviation: {deviation}")

@@ -89,6 +89,13 @@ ONEDNN_THREADS = (
     "pin torch.set_num_threads(1) for bit-exact comparisons"
 )
 
+QNNPACK_DEGENERATE_SCALE = (
+    "qnnpack wraps a requantized output beyond the uint8 range instead of saturating when the "
+    "input scale is degenerate (a zero-range calibration gives scale = float32 eps): seen "
+    "255 -> 7 on a Linear whose output is its bias (tests/test_fx_kernels.py pins it)"
+)
+DEGENERATE_SCALE = 2.0**-20
+
 KERNEL_CONTRACTS = {
     "fbgemm": KernelContract(1, True, None, INT16_PAIRS.format(engine="fbgemm")),
     "x86": KernelContract(1, True, None, INT16_PAIRS.format(engine="x86 (fbgemm/onednn)")),
@@ -103,16 +110,20 @@ def known_deviation(
     dtype=torch.quint8,
     threads: int | None = None,
     input_max: int | None = None,
+    input_scale: float | None = None,
 ) -> str | None:
     """Why a lowered model on ``engine`` may leave the 1-LSB contract, or None if it should hold.
 
     ``reduce_range``: that of the 8-bit activation observers; ``input_max``: the largest
-    quantized input value seen, if known; ``threads``: the intra-op thread count the model
+    quantized input value seen, if known; ``input_scale``: the smallest activation scale
+    feeding a kernel, if known; ``threads``: the intra-op thread count the model
     runs with (default: the current one).
     """
     contract = KERNEL_CONTRACTS.get(engine)
     if contract is None:
         return None
+    if engine == "qnnpack" and input_scale is not None and input_scale < DEGENERATE_SCALE:
+        return QNNPACK_DEGENERATE_SCALE
     too_wide = not reduce_range or (input_max is not None and input_max > 127)
     if contract.seven_bit_activations and dtype in (torch.quint8, torch.uint8) and too_wide:
         cause = INT16_PAIRS.format(engine=engine)

@@ -103,3 +103,23 @@ def test_onednn_default_mapping_names_its_cause():
         assert worst <= 1
     else:
         assert "int16" in cause and worst > 1
+
+
+@pytest.mark.skipif("qnnpack" not in engines(), reason="qnnpack does not run here")
+def test_qnnpack_wraps_with_a_degenerate_input_scale():
+    """Found by the kernel property: pins the deviation qref.engines names QNNPACK_DEGENERATE_SCALE."""
+    from qref.engines import QNNPACK_DEGENERATE_SCALE
+    from qref.strategies.cases import prepare_case
+    from qref.strategies.models import Linear, ModelSpec
+    from qref.strategies.setups import QuantSetup
+
+    spec = ModelSpec(input_shape=(2, 1), layers=(Linear(1, 1),))
+    setup = QuantSetup("fx", kind="default", engine="qnnpack", per_channel=False)
+    zeros = torch.zeros(2, 1)
+    model = prepare_case(spec, setup, [(zeros,)])  # zero-range calibration: input scale = eps
+    with use_engine("qnnpack", threads=1):
+        reference, lowered = convert_to_reference_fx(model)(zeros), convert_fx(model)(zeros)
+    scale = model.activation_post_process_1.calculate_qparams()[0].item()
+    assert reference.flatten()[0].item() == pytest.approx(255 * scale)  # saturated at the top
+    assert lowered.flatten()[0].item() == pytest.approx(7 * scale)  # 263 wrapped to 7
+    assert known_deviation("qnnpack", False, input_scale=1.2e-7) == QNNPACK_DEGENERATE_SCALE

@@ -29,6 +29,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+from hypothesis import event, reject
 from hypothesis import strategies as st
 
 from qref.strategies.models import ModelSpec, model_specs
@@ -268,22 +269,44 @@ def calibration_batches(draw, shape: tuple, min_batches: int = 2, max_batches: i
     return [draw(_batch(shape, amplitude, f"calibration {i}"), label=f"calibration {i}") for i in range(n)]
 
 
+def _input_qparams(prepared) -> tuple[float, int, int, int] | None:
+    """(scale, zero_point, quant_min, quant_max) of the observer on the model's input, if any."""
+    from qref.observers import is_observer, observer_qparams
+
+    for node in prepared.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        for user in node.users:
+            module = getattr(prepared, str(user.target), None) if user.op == "call_module" else None
+            if module is not None and is_observer(module):
+                qp = observer_qparams(module)
+                return float(qp.scale.reshape(-1)[0]), int(qp.zero_point.reshape(-1)[0]), qp.quant_min, qp.quant_max
+    return None
+
+
 @st.composite
-def _evaluation(draw, shape: tuple, calibration: list) -> tuple:
+def _evaluation(draw, shape: tuple, calibration: list, input_qparams) -> tuple:
     lo = min(float(t.min()) for t in calibration)
     hi = max(float(t.max()) for t in calibration)
     unit = draw(_batch(shape, 1.0, "evaluation"), label="evaluation")  # values in [-1.5, 1.5]
     inside = (lo + (unit.clamp(-1, 1) + 1) * 0.5 * (hi - lo)).to(torch.float32)
     factor = draw(st.sampled_from([4.0, 10.0, 100.0]), label="out-of-range factor")
-    e = draw(st.integers(-8, 0), label="tie exponent")
-    ks = draw(st.lists(st.integers(-8, 7), min_size=1, max_size=8), label="tie multiples")
+    # Rounding ties of the model's own input quantization: (k + 1/2) * scale, k + zero_point in range.
+    if input_qparams is not None:
+        scale, zp, qmin, qmax = input_qparams
+        k_lo, k_hi, step, name = qmin - zp, qmax - zp - 1, scale, "rounding ties of the input scale"
+    else:
+        e = draw(st.integers(-8, 0), label="tie exponent")
+        k_lo, k_hi, step, name = -8, 7, 2.0**e, f"half-steps of 2**{e}"
+    ks = draw(st.lists(st.integers(k_lo, k_hi), min_size=1, max_size=8), label="tie multiples")
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16), label="tie index seed"))
-    ties = ((torch.tensor(ks, dtype=torch.float32) + 0.5) * 2.0**e)[torch.randint(len(ks), shape, generator=g)]
+    picks = torch.randint(len(ks), shape, generator=g)
+    ties = ((torch.tensor(ks, dtype=torch.float64) + 0.5) * step)[picks].to(torch.float32)
     labelled = [
         ("in calibration range", inside),
         (f"calibration range x{factor:g}", inside * factor),
         ("zeros", torch.zeros(shape)),
-        (f"half-steps of 2**{e}", ties.contiguous()),
+        (name, ties.contiguous()),
     ]
     return tuple(l for l, _ in labelled), tuple((t,) for _, t in labelled)
 
@@ -292,12 +315,30 @@ def _evaluation(draw, shape: tuple, calibration: list) -> tuple:
 def cases(draw, flow: str, tier: str = "models", qat: bool | None = None, engine: str | None = None,
           model=None) -> Case:
     """A :class:`Case` of ``flow``: a spec of ``tier`` (or drawn from ``model``, a ModelSpec
-    strategy), a setup that quantizes it, calibration batches and evaluation inputs."""
+    strategy), a setup that quantizes it, calibration batches and evaluation inputs.
+
+    The case is prepared while drawn (cached): a spec that torch/torchao cannot prepare, or
+    that no setup of ``engine`` quantizes, is rejected (a limitation of preparation, not of
+    any converter), and the evaluation inputs include rounding ties of the prepared model's
+    input scale.
+    """
     if qat is None:
         qat = draw(st.booleans(), label="qat")
     spec_strategy = model if model is not None else model_specs(flow, tier, qat)
     spec = draw(spec_strategy, label="model spec")
-    setup = draw(quant_setups(flow, qat=qat, engine=engine, model=spec), label="setup")
+    try:
+        setup = draw(quant_setups(flow, qat=qat, engine=engine, model=spec), label="setup")
+    except ValueError as error:  # no setup of this flow/engine quantizes the spec
+        event(f"rejected: {error}".split(" ModelSpec")[0])
+        reject()
     calibration = draw(calibration_batches(spec.input_shape), label="calibration")
-    labels, inputs = draw(_evaluation(spec.input_shape, calibration), label="evaluation inputs")
-    return Case(spec, setup, tuple((t,) for t in calibration), inputs, labels)
+    batches = tuple((t,) for t in calibration)
+    unevaluated = Case(spec, setup, batches, (), ())
+    try:
+        prepared = unevaluated.prepared()  # cached: the properties' own calls reuse it
+    except Exception as error:  # noqa: BLE001 - preparation is not under test
+        event(f"rejected: preparation raised {type(error).__name__}")
+        reject()
+    labels, inputs = draw(_evaluation(spec.input_shape, calibration, _input_qparams(prepared)),
+                          label="evaluation inputs")
+    return Case(spec, setup, batches, inputs, labels)
