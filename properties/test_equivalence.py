@@ -15,7 +15,8 @@ reference-decomposed model is the kernel family's business.
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+import torch
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import qref
@@ -43,10 +44,24 @@ def _pt2e_matches_reference(subject, case, fold_quantize: bool):
                            f"{result.message()}")
 
 
+def _grouped_conv_case():
+    """Explicit example: per-channel scales of a grouped conv (groups=2, 2 channels per group),
+    where group-major and channel-major orders differ (cf. pytorch#180995)."""
+    from qref.strategies.cases import Case
+    from qref.strategies.models import Conv, ModelSpec
+    from qref.strategies.setups import QuantSetup
+
+    spec = ModelSpec(input_shape=(1, 4, 5, 5), layers=(Conv(4, 4, kernel_size=3, groups=2),), seed=1)
+    setup = QuantSetup("pt2e", kind="qref", per_channel=True, act_dtype="int8", observer="minmax")
+    x = torch.linspace(-1, 1, 100).reshape(1, 4, 5, 5)
+    return Case(spec, setup, ((x,),), ((x,), (x * 10,)), ("linspace", "linspace x10"))
+
+
 @pytest.mark.qref_flow("pt2e")
 @pytest.mark.qref_tier("ops")
 @budget("ops")
 @given(case=cases("pt2e", tier="ops"), fold_quantize=st.booleans())
+@example(case=_grouped_conv_case(), fold_quantize=True)
 def test_single_op_matches_reference(subject, case, fold_quantize):
     _pt2e_matches_reference(subject, case, fold_quantize)
 

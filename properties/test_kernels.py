@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import event, given
+from hypothesis import event, given, reject
 from hypothesis import strategies as st
 
 import qref
-from qref.compare import Tolerance, compare_lowered, quantize_points
+from qref.compare import Tolerance, compare, compare_lowered, quantize_points
 from qref.engines import known_deviation
 from qref.strategies import cases
 
@@ -34,6 +34,11 @@ def pytest_generate_tests(metafunc):  # noqa: D103 - engines this run exercises 
 
 def _lower(subject, case, engine):
     with qref.use_engine(engine, threads=1):
+        try:  # the engine's own limits (qnnpack: add scale ratios in [2**-14, 2**8)) are not the converter's
+            qref.convert_fx(case.prepared())(*case.inputs[0])
+        except Exception as error:  # noqa: BLE001
+            event(f"{engine} cannot run this model: {str(error).splitlines()[-1][:80]}")
+            reject()
         reference = qref.convert_to_reference_fx(case.prepared())
         lowered = subject.convert(case)
         return reference, lowered
@@ -72,3 +77,39 @@ def test_lowered_within_kernel_contract(subject, engine, data):
         subject.record.note(f"{engine}: {result.max_lsb} LSB, known deviation: {deviation}")
         return
     subject.fail(case, f"lowered on {engine}, a layer leaves the kernel contract:\n{result.message()}")
+
+
+ENGINES_AGREE = Tolerance.depth_budget(
+    2, cause="each engine is within 1 LSB of the reference per requantization, so two engines "
+             "may differ by 2 LSB per requantization on the path")
+
+
+@pytest.mark.qref_tier("patterns")
+@budget("patterns")
+@given(case=cases("fx", tier="patterns", engine="fbgemm"))
+def test_engines_agree(subject, qref_engines, case):
+    """fbgemm-prepared models (reduce_range, so 7-bit activations) lowered on every other engine."""
+    others = [e for e in qref_engines if e != "fbgemm" and e in qref.engines()]
+    if "fbgemm" not in qref.engines() or not others:
+        pytest.skip("needs fbgemm and another engine")
+    with qref.use_engine("fbgemm", threads=1):
+        baseline = subject.convert(case)
+        reference = qref.convert_to_reference_fx(case.prepared())
+    # inputs whose quantized activations pass 127 leave fbgemm's contract (INT16_PAIRS): not compared
+    inputs = [b for b in case.inputs if (_largest_uint8(reference, [b]) or 0) <= 127]
+    event(f"{len(case.inputs) - len(inputs)} of {len(case.inputs)} inputs beyond fbgemm's 7-bit range")
+    beyond = 127
+    for engine in others:
+        with qref.use_engine(engine, threads=1):
+            try:  # the engine's own limits (e.g. onednn: no output_padding) are not the converter's
+                qref.convert_fx(case.prepared())(*case.inputs[0])
+            except Exception as error:  # noqa: BLE001
+                event(f"{engine} cannot run this model: {type(error).__name__}")
+                continue
+            lowered = subject.convert(case)
+            result = compare(baseline, lowered, inputs, ENGINES_AGREE)
+        subject.record.lsb(result.max_lsb)
+        if not result.ok and not known_deviation(engine, True, threads=1, input_max=beyond,
+                                                 input_scale=_smallest_scale(reference)):
+            subject.fail(case, f"fbgemm and {engine} disagree beyond their overlapping contracts:\n"
+                               f"{result.message()}")

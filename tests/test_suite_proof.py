@@ -22,10 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 QREF = Path(sys.executable).with_name("qref")
 
 
-def check(target: str, flow: str, tmp_path: Path, *pytest_args: str, shrink: bool = True) -> tuple[int, dict, str]:
+def check(target: str, flow: str, tmp_path: Path, *pytest_args: str, shrink: bool = True,
+          options: tuple = ()) -> tuple[int, dict, str]:
     report = tmp_path / "report.json"
     command = [str(QREF), "check", target, "--flow", flow, "--profile", "quick", "--seed", "0",
-               "--report", str(report), "--", "-q", *pytest_args]
+               "--report", str(report), *options, "--", "-q", *pytest_args]
     env = dict(os.environ, PYTHONPATH=str(ROOT), QREF_SHRINK="1" if shrink else "0")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     output = done.stdout[-6000:] + done.stderr[-3000:]
@@ -50,3 +51,17 @@ def test_real_converter_passes(target, flow, tmp_path):
     status, report, output = check(target, flow, tmp_path)
     assert status == 0, f"{target} fails the quick profile: {_failed(report)}\n{output}"
     assert report.get("tests"), "the report lists no properties"
+
+
+def test_reproducer_script_fails_the_same_way(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    status, report, output = check("tests.mutants.pt2e:zero_point_off_by_one", "pt2e", tmp_path,
+                                   "-x", "-k", "single_op_matches_reference", options=("--artifacts", str(artifacts)))
+    assert status == 1, output
+    scripts = sorted(artifacts.rglob("repro.py"))
+    assert scripts, f"no reproducer written:\n{output}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(scripts[0])], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=600)
+    assert done.returncode == 1, done.stdout + done.stderr[-2000:]
+    assert "first divergence" in done.stdout

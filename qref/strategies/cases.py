@@ -186,7 +186,8 @@ class Case:
     def to_python(self, converter_target: str) -> str:
         """A standalone reproducer script: the model and setup sources, inputs loaded from
         ``inputs.pt`` next to the script (see :meth:`save_inputs`), prepare, calibrate,
-        convert with ``converter_target`` and print the float vs converted outputs."""
+        convert with ``converter_target`` and print its divergence from qref's reference conversion
+        at every quantize point (exit status 1 when they differ)."""
         s = self.setup
         if s.flow == "pt2e":
             prepare = (
@@ -216,6 +217,8 @@ class Case:
         return (
             f'"""qref reproducer.\n\nmodel: {self.spec!r}\nsetup: {self.setup!r}\n'
             f'converter: {converter_target}\n\nRun next to inputs.pt (Case.save_inputs).\n"""\n'
+            "from qref._quiet import import_torchao_quietly\n\n"
+            "import_torchao_quietly()  # hides torchao's CUDA-extension load messages\n"
             "# ---- model " + "-" * 60 + "\n"
             + self.spec.to_python(docstring=False)
             + "\n# ---- quantization setup " + "-" * 47 + "\n"
@@ -229,15 +232,20 @@ class Case:
             "def prepare():\n"
             + prepare
             + "\n\ndef main():\n"
+            "    import copy\n\n"
+            "    import qref\n"
+            "    from qref.compare import compare\n"
             "    from qref.converters import resolve\n\n"
             f"    convert = resolve({converter_target!r}, {s.flow!r})\n"
-            "    float_model = build_model().eval()\n"
-            "    prepared = prepare()\n"
-            f"    converted = {convert_call}\n"
-            "    with torch.no_grad():\n"
-            "        for label, args in zip(LABELS, INPUTS):\n"
-            "            expected, got = float_model(*args), converted(*args)\n"
-            "            print(f\"{label}: max |float - converted| = {(expected - got).abs().max().item():.6g}\")\n\n\n"
+            + (f"    with qref.use_engine({s.engine!r}, threads=1):\n" if s.flow == "fx" else "    if True:\n")
+            + "        prepared = prepare()\n"
+            + ("        reference = qref.convert_fx(copy.deepcopy(prepared), backend_config=backend_config)\n"
+               if s.flow == "fx" else "        reference = qref.convert_pt2e(copy.deepcopy(prepared))\n")
+            + f"        converted = {convert_call}\n"
+            "        result = compare(reference, converted, INPUTS)\n"
+            "    print(f\"{convert.target} vs qref's reference on inputs {LABELS}:\")\n"
+            "    print(result.message())\n"
+            "    raise SystemExit(0 if result.ok else 1)\n\n\n"
             "if __name__ == \"__main__\":\n"
             "    main()\n"
         )
