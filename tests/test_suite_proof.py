@@ -65,3 +65,25 @@ def test_reproducer_script_fails_the_same_way(tmp_path):
                           cwd=tmp_path, timeout=600)
     assert done.returncode == 1, done.stdout + done.stderr[-2000:]
     assert "first divergence" in done.stdout
+
+
+@pytest.mark.parametrize("name, says", [("raises", "raised"), ("hangs", "timeout"),
+                                        ("returns_wrong_type", "wrong-type"), ("returns_nan", "NaN")])
+def test_misbehaving_converter_is_reported_and_the_run_carries_on(name, says, tmp_path):
+    status, report, output = check(f"tests.mutants.misbehaving:{name}", "pt2e", tmp_path,
+                                   "-k", "single_op_matches_reference or train_eval_disallowed",
+                                   shrink=False, options=("--timeout", "5"))
+    assert status == 1, output
+    assert len(report["tests"]) == 2, output  # both properties ran: the suite carried on
+    assert any("single_op_matches_reference" in t for t in _failed(report)), output
+    assert says in output, output
+
+
+def test_pytest_runs_the_installed_suite_with_the_plugin_options(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs",
+                           "qref.properties", "--qref-converter=qref-pt2e", "--qref-flow=pt2e",
+                           "-k", "train_eval_disallowed"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "qref conformance: qref-pt2e (pt2e)" in done.stdout
+    assert "train_eval_disallowed" in done.stdout
