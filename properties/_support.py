@@ -1,7 +1,7 @@
 """What every property needs: example budgets per tier, and the converter under test behind a guard.
 
 A property never calls the converter directly: ``Subject.convert`` turns a converter that raises,
-hangs (``--qref-timeout``), returns the wrong type or an output with NaN/inf into a failure of
+hangs (``--qref-timeout``), returns the wrong type or a model that cannot run into a failure of
 *that* property with a message saying so, and the suite carries on.  A converter that hung once
 fails the rest of that test's examples at once, so shrinking does not wait for it again.
 """
@@ -63,11 +63,19 @@ class Subject:
         kwargs = {k: v for k, v in kwargs.items() if self.accepts(k)}
         model = case.prepared() if model is None else model
         try:
-            return call_guarded(self.converter, model, timeout=self.timeout, **kwargs)
+            converted = call_guarded(self.converter, model, timeout=self.timeout, **kwargs)
         except ConverterMisbehaved as error:
             if error.kind == "timeout":
                 self._hung = str(error)
             self.fail(case, f"the converter {error.kind}: {error}")
+        try:
+            import torch
+
+            with torch.no_grad():
+                converted(*case.inputs[0])
+        except Exception as error:  # noqa: BLE001 - any failure to run is the converter's
+            self.fail(case, f"the converted model cannot run: {type(error).__name__}: {error}"[:2000])
+        return converted
 
     def fail(self, case, message: str):
         """Fail the property with ``message``, the case that shows it and a reproducer."""

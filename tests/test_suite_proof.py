@@ -68,7 +68,8 @@ def test_reproducer_script_fails_the_same_way(tmp_path):
 
 
 @pytest.mark.parametrize("name, says", [("raises", "raised"), ("hangs", "timeout"),
-                                        ("returns_wrong_type", "wrong-type"), ("returns_nan", "NaN")])
+                                        ("returns_wrong_type", "wrong-type"), ("returns_nan", "NaN"),
+                                        ("returns_unrunnable", "cannot run")])
 def test_misbehaving_converter_is_reported_and_the_run_carries_on(name, says, tmp_path):
     status, report, output = check(f"tests.mutants.misbehaving:{name}", "pt2e", tmp_path,
                                    "-k", "single_op_matches_reference or train_eval_disallowed",

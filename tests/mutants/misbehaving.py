@@ -36,3 +36,15 @@ def returns_nan(model, use_reference_representation=False, fold_quantize=True):
     output.args = ((nan,),)
     converted.recompile()
     return converted
+
+
+def returns_unrunnable(model, use_reference_representation=False, fold_quantize=True):
+    """Returns a graph that raises when called (a dangling shape mismatch)."""
+    converted = qref.convert_pt2e(model, use_reference_representation, fold_quantize)
+    output = next(n for n in converted.graph.nodes if n.op == "output")
+    (result,) = output.args[0]
+    with converted.graph.inserting_before(output):
+        bad = converted.graph.call_function(torch.ops.aten.reshape.default, (result, [7, 11, 13]))
+    output.args = ((bad,),)
+    converted.recompile()
+    return converted
