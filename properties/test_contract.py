@@ -320,8 +320,8 @@ def _without_linear(backend):
 @fx
 @ops_tier
 @budget("ops")
-@given(case=cases("fx", tier="ops"))
-def test_fx_backend_config_honoured(subject, case):
+@given(case=cases("fx", tier="ops", qat=False))  # QAT: torch leaves a FusedMovingAvgObsFakeQuantize
+def test_fx_backend_config_honoured(subject, case):  # that cannot run when the backend drops its op
     subject.require("backend_config")
     backend = _without_linear(case.setup.backend_config())
     with qref.use_engine(case.setup.engine):
