@@ -2,7 +2,7 @@
 # qref developer entry point.  Usage: ./dev.sh {setup|test|check|bench|suite-speed} [args...]
 #   setup  create .venv (if missing) and install qref editable with test extras,
 #          pinned by constraints.txt; skipped while .venv/.qref-stamp is current
-#   test   setup, then pytest -q [args...]
+#   test   setup, then pytest -q -n 2 [args...] (both cores)
 #   check  setup, then `qref check [args...]` (default: torchao-pt2e with the conformance
 #          table, report in qref-report.json): the property suite against a real converter
 #   bench  setup, then benchmarks/convert_speed.py [args...]
@@ -45,7 +45,7 @@ case "$cmd" in
         ;;
     test)
         setup
-        exec "$PY" -m pytest -q "$@"
+        exec "$PY" -m pytest -q -n 2 "$@"
         ;;
     check)
         setup
