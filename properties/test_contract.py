@@ -244,12 +244,16 @@ def test_reference_representation_honoured(subject, case):
 
 
 def _module_kinds(model) -> dict[str, str]:
-    return {name: type(m).__qualname__ for name, m in model.named_modules() if name}
+    return {name: f"{type(m).__module__}.{type(m).__qualname__}" for name, m in model.named_modules() if name}
 
 
 def _quantized_module_names(prepared) -> list[str]:
-    return [name for name, m in prepared.named_modules()
-            if name and getattr(m, "qconfig", None) is not None and hasattr(m, "weight")]
+    """Weighted modules the prepared graph calls (fused ones included, e.g. ConvReLU2d)."""
+    def weighted(m):
+        return hasattr(m, "weight") or (isinstance(m, torch.nn.Sequential) and len(m) and hasattr(m[0], "weight"))
+
+    return [str(n.target) for n in prepared.graph.nodes
+            if n.op == "call_module" and weighted(prepared.get_submodule(str(n.target)))]
 
 
 @fx
