@@ -6,7 +6,8 @@ Profiles: ``quick`` (the default), ``default``, ``thorough``; ``--qref-profile``
 (see ``_support.budget``).  All profiles: no deadline (kernels on a loaded machine),
 ``print_blob=True`` so a failure prints a ``@reproduce_failure`` blob, and no health check
 for function-scoped fixtures: ``subject`` deliberately lives across a test's examples (it
-remembers a converter that hung so shrinking does not wait for it again).
+remembers a converter that hung so shrinking does not wait for it again).  A seeded run
+(``--seed``/``--hypothesis-seed``) does not use the example database, so it is repeatable.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def pytest_configure(config):
     name = config.getoption("qref_profile", None) or os.environ.get("QREF_PROFILE", "quick")
     if name not in PROFILES:
         raise pytest.UsageError(f"unknown qref profile {name!r}: choose one of {', '.join(PROFILES)}")
+    if config.getoption("hypothesis_seed", None) is not None:
+        # A seeded run gives the same verdict everywhere only if it neither replays nor stores
+        # examples of earlier runs (the database would differ between machines and runs).
+        settings.register_profile(name, parent=settings.get_profile(name), database=None)
     settings.load_profile(name)
 
 

@@ -17,6 +17,10 @@ Points, and how they are keyed so that two converters' graphs line up:
   ``get_attr`` (``fold_quantize=True``) or still a quantize of a constant. Key: the
   dequantize's user and the argument it fills, ``"conv2d.weight"``, ``"linear.bias"``.
   Folded and unfolded weights so get the same key.
+* node names are no part of a converter's contract: points the two graphs key differently
+  (torchao's QAT fold calls a conv ``conv1d`` where qref keeps ``conv1d_1``) are paired in
+  order when their names differ only in the numeric suffix and each such group has as many
+  unpaired points on both sides; whatever stays unpaired is missing or extra.
 * outputs ``"output[i]"``: compared in LSB of the output scale when the reference output is a
   dequantize; NaN/inf in the candidate is a failure of its own.
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -347,7 +352,8 @@ class _Recorder(fx.Interpreter):
     later point only measures its own error (isolation; see ``compare(isolate=True)``).
     """
 
-    def __init__(self, gm: fx.GraphModule, modules: dict | None = None, force: dict | None = None):
+    def __init__(self, gm: fx.GraphModule, modules: dict | None = None, force: dict | None = None,
+                 rename: dict | None = None):
         super().__init__(gm, garbage_collect_values=False)
         self.gm = gm
         self.constant = _constant_nodes(gm.graph)
@@ -357,15 +363,18 @@ class _Recorder(fx.Interpreter):
         self.outputs: list[_Output] = []
         self.modules = modules or {}
         self.force = force or {}
+        self.rename = rename or {}  # own key -> the reference's (see _pairs)
+        self._own_keys: set[str] = set()
         self.batch = 0
 
     # -- keys ---------------------------------------------------------------------------------
     def _new_key(self, base: str) -> str:
         key, k = base, 0
-        while key in self.points:
+        while key in self._own_keys:
             k += 1
             key = f"{base}#{k}"
-        return key
+        self._own_keys.add(key)
+        return self.rename.get(key, key)
 
     def _weight_key(self, dequantize: fx.Node) -> str | None:
         users = real_users(dequantize)
@@ -491,10 +500,11 @@ def _batches(batches) -> list[tuple]:
     return [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in batches]
 
 
-def _run(gm: fx.GraphModule, batches, modules: dict | None = None, force: dict | None = None) -> _Recorder:
+def _run(gm: fx.GraphModule, batches, modules: dict | None = None, force: dict | None = None,
+         rename: dict | None = None) -> _Recorder:
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"expected a torch.fx.GraphModule, got {type(gm).__name__}")
-    recorder = _Recorder(gm, modules, force)
+    recorder = _Recorder(gm, modules, force, rename)
     for batch in _batches(batches):
         recorder.run_batch(batch)
     return recorder
@@ -832,7 +842,11 @@ def compare(
     instead of everything accumulated upstream.
     """
     ref = _run(reference, batches)
-    got = _run(candidate, batches, force=_forcing(ref) if isolate else None)
+    force = _forcing(ref) if isolate else None
+    got = _run(candidate, batches, force=force)
+    rename = _pairs(ref.points, got.points)
+    if rename:  # again under the reference's keys (isolation forces points by key)
+        got = _run(candidate, batches, force=force, rename=rename)
     depths, output_depths = _depths(ref, set(got.points) if isolate else None)
     results, missing = {}, []
     for key, point in ref.points.items():
@@ -844,6 +858,32 @@ def compare(
     extra = tuple(k for k in got.points if k not in ref.points)
     outputs = _compare_outputs(ref, got, tolerance, output_depths)
     return Comparison(tolerance, results, outputs, tuple(missing), extra, tuple(ref.points), isolate)
+
+
+_NUMBERED = re.compile(r"_\d+$")
+
+
+def _name_group(key: str, kind: str) -> tuple:
+    """``conv1d_1.weight#2`` -> ("conv1d", "weight", "2", kind): the key without fx's numbering."""
+    key, _, repeat = key.partition("#")
+    node, _, argument = key.partition(".")
+    return _NUMBERED.sub("", node), argument, repeat, kind
+
+
+def _pairs(ref_points: dict, got_points: dict) -> dict:
+    """Candidate key -> reference key for points keyed differently only by fx's name numbering."""
+    unpaired_ref: dict[tuple, list] = {}
+    unpaired_got: dict[tuple, list] = {}
+    for points, others, groups in ((ref_points, got_points, unpaired_ref), (got_points, ref_points, unpaired_got)):
+        for key, point in points.items():
+            if key not in others:
+                groups.setdefault(_name_group(key, point.kind), []).append(key)
+    pairs = {}
+    for group, got_keys in unpaired_got.items():
+        ref_keys = unpaired_ref.get(group, [])
+        if len(ref_keys) == len(got_keys):  # otherwise which is which is a guess: leave them
+            pairs.update(zip(got_keys, ref_keys))
+    return pairs
 
 
 def _forcing(ref: _Recorder) -> dict:

@@ -321,6 +321,15 @@ def _environment(config: pytest.Config, state: _State) -> dict:
     }
 
 
+def _example_database_in_use() -> bool | None:
+    """Whether the loaded Hypothesis settings replay and store examples (None: not loaded)."""
+    if "hypothesis" not in sys.modules:
+        return None
+    from hypothesis import settings
+
+    return settings().database is not None
+
+
 def _current_profile(config: pytest.Config) -> str | None:
     if "hypothesis" in sys.modules:
         from hypothesis import settings
@@ -378,7 +387,9 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
         f"quantized engines: {engines}"
     )
     seed = env["seed"] if env["seed"] is not None else "not fixed (see the failure's reproduce_failure blob)"
-    lines.append(f"qref: Hypothesis profile {env['profile']}, seed {seed}")
+    env["example_database"] = _example_database_in_use()
+    database = "; example database not used" if env["example_database"] is False else ""
+    lines.append(f"qref: Hypothesis profile {env['profile']}, seed {seed}{database}")
     if state.expectations_file:
         n_active = len(state.expectations) - len(state.inactive)
         lines.append(
@@ -573,6 +584,8 @@ class _Controller:
         state.exit_status = int(exitstatus)
         if state.environment.get("profile") is None:
             state.environment["profile"] = _current_profile(self.config)
+        if state.environment.get("example_database") is None:
+            state.environment["example_database"] = _example_database_in_use()
         if state.report_path is not None:
             document = _report.build_json(
                 converter=_converter_json(state),

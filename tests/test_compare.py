@@ -159,6 +159,44 @@ def test_dropped_qdq_pair_is_missing(prepared_cache):
     assert "missing in the candidate" in result.message()
 
 
+def renamed(gm, renames):
+    """A copy of ``gm`` whose nodes ``old`` are called ``new`` (as another converter may name them)."""
+
+    def rename(gm):
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for old, new in renames.items():
+            nodes[old]._rename(new)
+
+    return edited(gm, rename)
+
+
+def test_points_renamed_by_another_converter_are_paired(prepared_cache):
+    reference = converted(prepared_cache, "mlp", "qref_int8_sym")
+    # fx numbering differs (torchao's QAT fold names a conv `conv1d` where qref has `conv1d_1`)
+    candidate = renamed(reference, {"relu": "relu_7", "linear": "linear_9"})
+    for isolate in (False, True):
+        result = compare(reference, candidate, batches("mlp"), isolate=isolate)
+        assert result.ok and not result.missing and not result.extra, result.message()
+        assert {"relu", "linear.weight", "linear.bias"} <= set(result.points)
+
+
+def test_renamed_and_dropped_points_stay_unpaired(prepared_cache):
+    reference = converted(prepared_cache, "mlp", "qref_int8_sym")
+
+    def drop_first_relu_qdq(gm):
+        q = quantize_of(gm, "relu")
+        for dq in list(q.users):
+            dq.replace_all_uses_with(q.args[0])
+            gm.graph.erase_node(dq)
+        gm.graph.erase_node(q)
+
+    # relu's q/dq is dropped and relu_1 renamed: which candidate relu is which is a guess
+    candidate = renamed(edited(reference, drop_first_relu_qdq), {"relu_1": "relu_5"})
+    result = compare(reference, candidate, batches("mlp"))
+    assert set(result.missing) == {"relu", "relu_1"} and result.extra == ("relu_5",)
+    assert not result.ok
+
+
 def shifted_quantize(x, scale, zero_point, quant_min, quant_max, dtype, delta, every):
     """A converter's own quantize: exact, then ``delta`` steps off on every ``every``-th element."""
     q = qd.quantize_per_tensor(x, scale, zero_point, quant_min, quant_max, dtype).to(torch.int32)
