@@ -7,6 +7,7 @@
     reason = "torchao 0.18 prepare_qat_pt2e resets BatchNorm eps"   # mandatory
     torch = ">=2.13"      # optional: only with these torch versions (PEP 440 specifier)
     engine = "fbgemm"     # optional: only when this quantized engine is exercised
+    converter = "torchao-pt2e"   # optional: only for converters whose target matches this glob
     max_lsb = 2           # optional: not an expected failure but a looser tolerance (in LSB)
 
 ``test`` is a glob matched against the test id (``properties/test_x.py::test_y[params]``), the id
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 TOLERANCE_MARKER = "qref_max_lsb"
-_KEYS = {"test", "reason", "torch", "engine", "max_lsb"}
+_KEYS = {"test", "reason", "torch", "engine", "converter", "max_lsb"}
 
 
 class ExpectationsError(Exception):
@@ -52,6 +53,7 @@ class Expectation:
     torch: str | None = None
     engine: str | None = None
     max_lsb: float | None = None
+    converter: str | None = None  # glob on the converter's target, e.g. "torchao-pt2e"
 
     @property
     def kind(self) -> str:
@@ -65,8 +67,12 @@ class Expectation:
         candidates = (nodeid, nodeid.split("[")[0], name, name.removeprefix("test_"))
         return any(fnmatch.fnmatchcase(c, self.test) for c in candidates)
 
-    def inactive_because(self, torch_version: str | None, engines: list[str] | None) -> str | None:
-        """Why the conditions do not hold here, or ``None`` when the entry applies."""
+    def inactive_because(
+        self, torch_version: str | None, engines: list[str] | None, converter: str | None = None
+    ) -> str | None:
+        """Why the conditions do not hold here, or ``None`` when the entry applies.
+
+        ``converter``: the target under test (``None``: the ``qref_converter`` fixture's)."""
         if self.torch is not None:
             from packaging.specifiers import SpecifierSet
             from packaging.version import Version
@@ -77,11 +83,13 @@ class Expectation:
                 return f"torch {torch_version} is not {self.torch}"
         if self.engine is not None and self.engine not in (engines or []):
             return f"engine {self.engine} is not exercised"
+        if self.converter is not None and not (converter and fnmatch.fnmatchcase(converter, self.converter)):
+            return f"the converter under test ({converter or 'the qref_converter fixture'}) is not {self.converter}"
         return None
 
     def to_json(self) -> dict:
         d = {"test": self.test, "reason": self.reason, "kind": self.kind}
-        for key in ("torch", "engine", "max_lsb"):
+        for key in ("torch", "engine", "converter", "max_lsb"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d
@@ -138,13 +146,17 @@ def _entry(path: Path, index: int, entry: dict) -> Expectation:
     engine = entry.get("engine")
     if engine is not None and not isinstance(engine, str):
         raise ExpectationsError(f"{where}: 'engine' must be a string such as 'fbgemm'")
+    converter = entry.get("converter")
+    if converter is not None and not (isinstance(converter, str) and converter.strip()):
+        raise ExpectationsError(f"{where}: 'converter' must be a converter name or glob such as 'torchao-pt2e'")
     max_lsb = entry.get("max_lsb")
     if max_lsb is not None and (
         isinstance(max_lsb, bool) or not isinstance(max_lsb, (int, float)) or max_lsb < 0
     ):
         raise ExpectationsError(f"{where}: 'max_lsb' must be a non-negative number")
     return Expectation(
-        index, test.strip(), reason.strip(), None if torch_spec is None else str(torch_spec), engine, max_lsb
+        index, test.strip(), reason.strip(), None if torch_spec is None else str(torch_spec), engine, max_lsb,
+        None if converter is None else converter.strip(),
     )
 
 

@@ -248,7 +248,8 @@ def _configure(config: pytest.Config, state: _State) -> None:
         state.expectations = _load_expectations(path)
         torch_version = _version("torch")
         for e in state.expectations:
-            why = e.inactive_because(torch_version, state.engines)
+            why = e.inactive_because(torch_version, state.engines,
+                                     state.converter.target if state.converter is not None else None)
             if why is not None:
                 state.inactive[e.index] = why
     state.environment = _environment(config, state)

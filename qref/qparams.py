@@ -8,6 +8,7 @@ step, because the converters under comparison must agree bit for bit.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import warnings
 from typing import NamedTuple
@@ -97,9 +98,11 @@ def from_min_max(
 
 # ---------------------------------------------------------------------------
 # Histogram search (the L2-minimising range used by HistogramObserver).
-# The walk over quantiles is plain Python arithmetic on floats; only the norm
-# of a candidate range is a (vectorised) float32 tensor computation. That keeps
-# the result identical to the observer's while avoiding one tensor op per step.
+# The observer walks inward over quantiles and stops at the first candidate range
+# whose quantization error exceeds the last one's. The candidates do not depend on
+# the errors (only where the walk stops does), so the walk is plain Python
+# arithmetic and the errors of many candidates are one float32 tensor computation:
+# element for element the observer's own, so the result is identical.
 
 _STEP = 1e-5
 
@@ -122,6 +125,29 @@ def _gt_f32(a: float, b: float) -> bool:
     return a > _f32(b)
 
 
+def _candidate_ranges(csum: list, total: float):
+    """The walk's candidate (start bin, end bin) ranges in order, each taken as accepted."""
+    alpha, beta = 0.0, 1.0
+    start, end = 0, len(csum) - 1
+    while alpha < beta:
+        next_alpha = alpha + _STEP
+        next_beta = beta - _STEP
+        lo_bound = next_alpha * total
+        hi_bound = next_beta * total
+        left, right = start, end
+        while left < end and _lt_f32(csum[left], lo_bound):
+            left += 1
+        while right > start and _gt_f32(csum[right], hi_bound):
+            right -= 1
+        if left - start > end - right:
+            new_start, new_end, alpha = left, end, next_alpha
+        else:
+            new_start, new_end, beta = start, right, next_beta
+        if (new_start, new_end) != (start, end):
+            yield new_start, new_end
+            start, end = new_start, new_end
+
+
 class _RangeNorm:
     """L2 quantization error of mapping the histogram onto ``dst_bins`` uniform bins."""
 
@@ -136,31 +162,28 @@ class _RangeNorm:
     def _cube_integral(begin, end, density):
         return density * ((end * end * end - begin * begin * begin) / 3)
 
-    def __call__(self, start: int, end: int) -> float:
+    def __call__(self, ranges: list[tuple[int, int]]) -> list[float]:
+        """The error of each candidate range (one row per range)."""
         width = self.bin_width
-        dst_width = width * (end - start + 1) / self.dst_bins
-        if dst_width == 0.0:
-            return 0.0
+        dst_widths = [width * (end - start + 1) / self.dst_bins for start, end in ranges]
+        # float32 columns: what the observer's Python-float scalars become in its ops
+        dst_width = torch.tensor(dst_widths).unsqueeze(1)
+        half = torch.tensor([w / 2 for w in dst_widths]).unsqueeze(1)
         last = self.dst_bins - 1
-        begin = (self.src - start) * width
+        begin = (self.src - torch.tensor([start for start, _ in ranges]).unsqueeze(1)) * width
         finish = begin + width
         dst_of_begin = torch.clamp(torch.div(begin, dst_width, rounding_mode="floor"), 0, last)
         dst_of_end = torch.clamp(torch.div(finish, dst_width, rounding_mode="floor"), 0, last)
-        half = dst_width / 2
         # error of the part of each source bin inside its first destination bin,
-        norm = torch.zeros(self.bins)
+        norm = torch.zeros(len(ranges), self.bins)
         norm += self._cube_integral(
             begin - (dst_of_begin + 0.5) * dst_width, torch.ones(self.bins) * half, self.density
         )
         # of the destination bins it covers entirely,
-        norm += (dst_of_end - dst_of_begin - 1) * self._cube_integral(
-            torch.tensor(-half), torch.tensor(half), self.density
-        )
+        norm += (dst_of_end - dst_of_begin - 1) * self._cube_integral(-half, half, self.density)
         # and of the part inside its last destination bin.
-        norm += self._cube_integral(
-            torch.tensor(-half), finish - (dst_of_end * dst_width + half), self.density
-        )
-        return norm.sum().item()
+        norm += self._cube_integral(-half, finish - (dst_of_end * dst_width + half), self.density)
+        return [0.0 if w == 0.0 else n for w, n in zip(dst_widths, norm.sum(dim=1).tolist())]
 
 
 def histogram_range(
@@ -168,34 +191,19 @@ def histogram_range(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The [min, max] that a greedy quantile walk finds to minimise L2 quantization error."""
     bins = histogram.numel()
-    csum = torch.cumsum(histogram, dim=0).tolist()
-    total = torch.sum(histogram).item()
+    walk = _candidate_ranges(torch.cumsum(histogram, dim=0).tolist(), torch.sum(histogram).item())
     norm_of = _RangeNorm(histogram, min_val.item(), max_val.item(), dst_bins)
+    start, end, best = 0, bins - 1, float("inf")
+    chunk = 4  # most walks stop early; long ones are evaluated in growing batches
+    while ranges := list(itertools.islice(walk, chunk)):
+        for (new_start, new_end), norm in zip(ranges, norm_of(ranges)):
+            if norm > best:
+                return _range_bounds(min_val, max_val, bins, start, end)
+            best, start, end = norm, new_start, new_end
+        chunk = min(4 * chunk, 256)
+    return _range_bounds(min_val, max_val, bins, start, end)
 
-    alpha, beta = 0.0, 1.0
-    start, end = 0, bins - 1
-    best = float("inf")
-    while alpha < beta:
-        next_alpha = alpha + _STEP
-        next_beta = beta - _STEP
-        lo_bound = next_alpha * total
-        hi_bound = next_beta * total
-        left, right = start, end
-        while left < end and _lt_f32(csum[left], lo_bound):
-            left += 1
-        while right > start and _gt_f32(csum[right], hi_bound):
-            right -= 1
-        new_start, new_end = start, end
-        if left - start > end - right:
-            new_start, alpha = left, next_alpha
-        else:
-            new_end, beta = right, next_beta
-        if (new_start, new_end) == (start, end):
-            continue
-        norm = norm_of(new_start, new_end)
-        if norm > best:
-            break
-        best, start, end = norm, new_start, new_end
 
+def _range_bounds(min_val, max_val, bins: int, start: int, end: int):
     bin_width = (max_val - min_val) / bins
     return min_val + bin_width * start, min_val + bin_width * (end + 1)

@@ -345,6 +345,7 @@ EXPECTATIONS = """
 [[expect]]
 test = "ops_bad"
 reason = "known divergence, upstream issue 123"
+converter = "fakeconv:*"
 
 [[expect]]
 test = "test_props.py::test_ops[[]2]"
@@ -359,6 +360,11 @@ reason = "stale entry"
 test = "prim"
 reason = "only with an old torch"
 torch = "<2.0"
+
+[[expect]]
+test = "prim"
+reason = "only for another converter"
+converter = "torchao-pt2e"
 """
 
 
@@ -408,14 +414,18 @@ def test_expectations_xfail_tolerance_unmatched_inactive(suite):
     entries = exp["entries"]
     assert entries[0]["matched"] is True and entries[1]["kind"] == "tolerance"
     assert entries[3]["applies"] is False and "is not <2.0" in entries[3]["inactive_because"]
+    assert entries[0]["converter"] == "fakeconv:*" and entries[0]["matched"] is True
+    assert entries[4]["applies"] is False
+    assert "(fakeconv:good) is not torchao-pt2e" in entries[4]["inactive_because"]
 
 
 def test_expected_failures_as_skips(suite):
     suite.makepyfile(test_bad=BAD_OPS)
     (suite.path / "expect.toml").write_text(EXPECTATIONS)
     result = suite.runpytest(
-        "--qref-flow", "pt2e", "--qref-expectations", "expect.toml", "--qref-expected-as-skip", "-rs"
-    )
+        "--qref-converter", "fakeconv:good", "--qref-flow", "pt2e", "--qref-expectations", "expect.toml",
+        "--qref-expected-as-skip", "-rs",
+    )  # fmt: skip
     assert result.ret == 0
     result.assert_outcomes(passed=5, skipped=1, deselected=2)
     result.stdout.fnmatch_lines(["*expected failure: known divergence*"])
@@ -429,6 +439,7 @@ def test_expected_failures_as_skips(suite):
         ('[[expect]]\nreason = "r"\n', "'test'"),
         ('[[expect]]\ntest = "x"\nreason = "r"\nreasn = "typo"\n', "unknown key(s) ['reasn']"),
         ('[[expect]]\ntest = "x"\nreason = "r"\ntorch = "two"\n', "not a version specifier"),
+        ('[[expect]]\ntest = "x"\nreason = "r"\nconverter = 3\n', "'converter' must be a converter name"),
         ("[[expect]\n", "not valid TOML"),
     ],
 )
