@@ -74,13 +74,18 @@ class Subject:
             with torch.no_grad():
                 converted(*case.inputs[0])
         except Exception as error:  # noqa: BLE001 - any failure to run is the converter's
-            self.fail(case, f"the converted model cannot run: {type(error).__name__}: {error}"[:2000])
+            self.fail(case, cannot_run_message(error))
         return converted
 
     def fail(self, case, message: str):
         """Fail the property with ``message``, the case that shows it and a reproducer."""
         self.record.reproducer(case.to_python(self.target), case.tensors())
         pytest.fail(f"{message}\n\n{describe(case)}", pytrace=False)
+
+
+def cannot_run_message(error: Exception) -> str:
+    """How a property reports a converted model that raises when run (expectations match this)."""
+    return f"the converted model cannot run: {type(error).__name__}: {error}"[:2000]
 
 
 def outputs_ok(comparison) -> bool:

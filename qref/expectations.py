@@ -8,6 +8,7 @@
     torch = ">=2.13"      # optional: only with these torch versions (PEP 440 specifier)
     engine = "fbgemm"     # optional: only when this quantized engine is exercised
     converter = "torchao-pt2e"   # optional: only for converters whose target matches this glob
+    failure = "cannot run"       # optional: expected only when the failure message matches (regex)
     max_lsb = 2           # optional: not an expected failure but a looser tolerance (in LSB)
 
 ``test`` is a glob matched against the test id (``properties/test_x.py::test_y[params]``), the id
@@ -16,7 +17,9 @@ without ``test_``); ``re:<regex>`` searches the test id instead.  An entry witho
 the tests it matches as expected failures (xfail, not strict; or skipped with
 ``--qref-expected-as-skip``).  An entry with ``max_lsb`` lets those tests run with that tolerance;
 properties read it with :func:`qref_tolerance_override`.  Entries whose conditions do not hold are
-inactive; active entries that match no collected test are reported.
+inactive; active entries that match no collected test are reported.  With ``failure``, a matched test
+that fails with another message is a failure, not an expected one (pin the known defect, not the
+property; not checked with ``--qref-expected-as-skip``, which does not run the test).
 
 This module imports neither torch nor hypothesis.
 """
@@ -38,7 +41,7 @@ __all__ = [
 ]
 
 TOLERANCE_MARKER = "qref_max_lsb"
-_KEYS = {"test", "reason", "torch", "engine", "converter", "max_lsb"}
+_KEYS = {"test", "reason", "torch", "engine", "converter", "failure", "max_lsb"}
 
 
 class ExpectationsError(Exception):
@@ -54,6 +57,11 @@ class Expectation:
     engine: str | None = None
     max_lsb: float | None = None
     converter: str | None = None  # glob on the converter's target, e.g. "torchao-pt2e"
+    failure: str | None = None  # regex the failure message must contain
+
+    def expects(self, message: str) -> bool:
+        """Whether a failure with ``message`` is the one this entry expects."""
+        return self.failure is None or re.search(self.failure, message) is not None
 
     @property
     def kind(self) -> str:
@@ -89,7 +97,7 @@ class Expectation:
 
     def to_json(self) -> dict:
         d = {"test": self.test, "reason": self.reason, "kind": self.kind}
-        for key in ("torch", "engine", "converter", "max_lsb"):
+        for key in ("torch", "engine", "converter", "failure", "max_lsb"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d
@@ -149,6 +157,16 @@ def _entry(path: Path, index: int, entry: dict) -> Expectation:
     converter = entry.get("converter")
     if converter is not None and not (isinstance(converter, str) and converter.strip()):
         raise ExpectationsError(f"{where}: 'converter' must be a converter name or glob such as 'torchao-pt2e'")
+    failure = entry.get("failure")
+    if failure is not None:
+        if not isinstance(failure, str) or not failure.strip():
+            raise ExpectationsError(f"{where}: 'failure' must be a regex the failure message contains")
+        try:
+            re.compile(failure)
+        except re.error as exc:
+            raise ExpectationsError(f"{where}: 'failure' is not a valid regex: {exc}") from None
+        if entry.get("max_lsb") is not None:
+            raise ExpectationsError(f"{where}: 'failure' belongs to expected failures, not to a 'max_lsb' entry")
     max_lsb = entry.get("max_lsb")
     if max_lsb is not None and (
         isinstance(max_lsb, bool) or not isinstance(max_lsb, (int, float)) or max_lsb < 0
@@ -156,7 +174,7 @@ def _entry(path: Path, index: int, entry: dict) -> Expectation:
         raise ExpectationsError(f"{where}: 'max_lsb' must be a non-negative number")
     return Expectation(
         index, test.strip(), reason.strip(), None if torch_spec is None else str(torch_spec), engine, max_lsb,
-        None if converter is None else converter.strip(),
+        None if converter is None else converter.strip(), failure,
     )
 
 

@@ -483,10 +483,11 @@ def _skip_at_item(reason: str) -> None:
         pytest.skip(reason)
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)  # outside pytest's own xfail handling
 def pytest_runtest_makereport(item: pytest.Item, call):
     outcome = yield
     report = outcome.get_result()
+    _unexpected_failure_fails(item, call, report)
     # Tensors cannot travel to the xdist controller (nor into junitxml): reports carry metadata only.
     report.user_properties = [_portable(k, v) for k, v in report.user_properties]
     state = _state(item.config)
@@ -512,6 +513,21 @@ def pytest_runtest_makereport(item: pytest.Item, call):
             info["artifact"] = str(artifact)
     # A plain attribute: xdist serialises the report's __dict__ to the controller.
     report.qref = info
+
+
+def _unexpected_failure_fails(item: pytest.Item, call, report) -> None:
+    """An expected failure whose message is not the entry's ``failure`` is a real failure."""
+    state = _state(item.config)
+    index = item.stash.get(_EXPECTATION, None)
+    if state is None or index is None or getattr(report, "wasxfail", None) is None or call.excinfo is None:
+        return
+    entry = state.expectations[index]
+    if entry.expects(str(call.excinfo.value)):
+        return
+    report.outcome = "failed"
+    del report.wasxfail
+    report.sections.append(("qref expectation", f"expected to fail with {entry.failure!r} ({entry.reason}), "
+                                                f"but it failed otherwise: not an expected failure"))
 
 
 def _portable(key: str, value):

@@ -440,6 +440,7 @@ def test_expected_failures_as_skips(suite):
         ('[[expect]]\ntest = "x"\nreason = "r"\nreasn = "typo"\n', "unknown key(s) ['reasn']"),
         ('[[expect]]\ntest = "x"\nreason = "r"\ntorch = "two"\n', "not a version specifier"),
         ('[[expect]]\ntest = "x"\nreason = "r"\nconverter = 3\n', "'converter' must be a converter name"),
+        ('[[expect]]\ntest = "x"\nreason = "r"\nfailure = "(("\n', "'failure' is not a valid regex"),
         ("[[expect]\n", "not valid TOML"),
     ],
 )
@@ -655,3 +656,20 @@ def test_collection_errors_are_reported_as_unchecked(suite):
     document = _report(suite)
     assert document["all_hold"] is False
     assert document["collection_errors"][0]["nodeid"] == "test_broken.py"
+
+
+@pytest.mark.parametrize("failure, expected", [("converter diverg", True), ("cannot run", False)])
+def test_failure_condition_expects_only_that_failure(suite, failure, expected):
+    suite.makepyfile(test_bad=BAD_OPS)
+    (suite.path / "expect.toml").write_text(
+        f'[[expect]]\ntest = "ops_bad"\nreason = "a known defect"\nfailure = "{failure}"\n'
+    )
+    result = suite.runpytest("--qref-converter", "fakeconv:good", "--qref-flow", "pt2e",
+                             "--qref-expectations", "expect.toml", "--qref-report", "report.json")  # fmt: skip
+    if expected:
+        assert result.ret == 0
+        assert _by_property(_report(suite))["ops_bad"]["status"] == "xfailed"
+    else:  # it fails, but not the way the entry expects: a real failure, and it says why
+        assert result.ret == 1
+        assert _by_property(_report(suite))["ops_bad"]["status"] == "failed"
+        result.stdout.fnmatch_lines(["*expected to fail with 'cannot run' (a known defect), but it failed otherwise*"])
