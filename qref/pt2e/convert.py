@@ -54,20 +54,28 @@ def convert_pt2e(
 
         model = to_reference_representation(model)
 
-    model.meta.update(original_meta)
     _remove_unused(model)
+    model = fx.GraphModule(model, model.graph, class_name=type(prepared).__name__)  # its code, once
+    model.meta.update(original_meta)
     _unshare_tensors(model, prepared)
-    model.recompile()  # once: the passes above only edit the graph
     return validate.disallow_train_eval(model)
 
 
+class _Editing(fx.GraphModule):
+    """The module the passes edit: only its graph and attributes change, so its Python code is
+    generated once, for the result, not after every pass (that costs as much as a pass)."""
+
+    def recompile(self):
+        return None
+
+
 def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of the graph; tensors are shared until _unshare_tensors.
+    """A module over a copy of the graph; tensors are shared until _unshare_tensors.
 
     Deep-copying the module would also copy every node's metadata (fake tensors
     included), which costs more than the whole conversion.
     """
-    return fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    return _Editing(gm, copy.deepcopy(gm.graph))
 
 
 def _remove_unused(gm: fx.GraphModule) -> None:
