@@ -27,19 +27,20 @@ def budget(tier: str, **overrides):
 
 
 @pytest.fixture
-def subject(qref_converter, qref_timeout, qref_record):
+def subject(request, qref_converter, qref_timeout, qref_record):
     """The converter under test behind the suite's guard.  Test modules import this fixture, so
     ``from qref.properties.test_x import *`` brings it along when a project embeds the suite."""
-    return Subject(qref_converter, qref_timeout, qref_record)
+    return Subject(qref_converter, qref_timeout, qref_record, request.function)
 
 
 class Subject:
     """The converter under test, as the properties see it."""
 
-    def __init__(self, converter, timeout, record):
+    def __init__(self, converter, timeout, record, prop=None):
         self.converter = converter
         self.timeout = timeout
         self.record = record
+        self.prop = prop  # the property (test function), for its reproducer
         self._hung = None
 
     @property
@@ -77,10 +78,51 @@ class Subject:
             self.fail(case, cannot_run_message(error))
         return converted
 
-    def fail(self, case, message: str):
-        """Fail the property with ``message``, the case that shows it and a reproducer."""
-        self.record.reproducer(case.to_python(self.target), case.tensors())
+    def fail(self, case, message: str, **arguments):
+        """Fail the property with ``message``, the case that shows it and a reproducer.
+
+        ``arguments``: the property's other drawn arguments (e.g. ``fold_quantize``); with them
+        the reproducer replays the property itself, else it shows the plain conversion's
+        comparison with qref's reference."""
+        replay = _replay_of(self.prop, arguments) if self.prop is not None else None
+        self.record.reproducer(case.to_python(self.target, replay), case.tensors())
         pytest.fail(f"{message}\n\n{describe(case)}", pytrace=False)
+
+
+def _replay_of(prop, arguments: dict) -> tuple | None:
+    """(module, name, arguments) to run the property again on one case; None if it draws more
+    than ``case`` and ``arguments`` (e.g. ``st.data()``)."""
+    import inspect
+
+    test = getattr(getattr(prop, "hypothesis", None), "inner_test", None)
+    if test is None or set(inspect.signature(test).parameters) != {"subject", "case", *arguments}:
+        return None
+    module = prop.__module__
+    if module.startswith("properties."):  # collected from a checkout: the installed name
+        module = "qref." + module
+    return module, prop.__name__, arguments
+
+
+def replay(module: str, name: str, target: str, case, arguments: dict) -> int:
+    """Run property ``module.name`` on ``case`` against converter ``target`` and print the
+    verdict; the exit status of a reproducer (1: the property fails)."""
+    import importlib
+
+    from qref.converters import resolve
+    from qref.plugin import QrefRecord
+
+    test = getattr(importlib.import_module(module), name).hypothesis.inner_test
+    subject = Subject(resolve(target, case.setup.flow), None, QrefRecord())
+    try:
+        test(subject=subject, case=case, **arguments)
+    except pytest.fail.Exception as failure:
+        print(f"{name} fails for {target}:\n{failure.msg}")
+        return 1
+    except pytest.skip.Exception as skipped:
+        print(f"{name} not run: {skipped.msg}")
+        return 0
+    print(f"{name} holds for {target} on this case")
+    return 0
 
 
 def cannot_run_message(error: Exception) -> str:

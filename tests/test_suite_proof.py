@@ -56,10 +56,14 @@ def test_real_converter_passes(target, flow, tmp_path):
     assert report["environment"]["example_database"] is False
 
 
-def test_reproducer_script_fails_the_same_way(tmp_path):
+@pytest.mark.parametrize("mutant, prop, says", [
+    ("zero_point_off_by_one", "single_op_matches_reference", "first divergence"),
+    ("reference_representation_ignored", "reference_representation_honoured", "left float ops"),
+])
+def test_reproducer_script_fails_the_same_way(mutant, prop, says, tmp_path):
     artifacts = tmp_path / "artifacts"
-    status, report, output = check("tests.mutants.pt2e:zero_point_off_by_one", "pt2e", tmp_path,
-                                   "-x", "-k", "single_op_matches_reference", options=("--artifacts", str(artifacts)))
+    status, report, output = check(f"tests.mutants.pt2e:{mutant}", "pt2e", tmp_path,
+                                   "-x", "-k", prop, options=("--artifacts", str(artifacts)))
     assert status == 1, output
     scripts = sorted(artifacts.rglob("repro.py"))
     assert scripts, f"no reproducer written:\n{output}"
@@ -67,7 +71,8 @@ def test_reproducer_script_fails_the_same_way(tmp_path):
     done = subprocess.run([sys.executable, str(scripts[0])], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=600)
     assert done.returncode == 1, done.stdout + done.stderr[-2000:]
-    assert "first divergence" in done.stdout
+    # the property itself runs again on the shrunk case, and fails as it did in the suite
+    assert f"test_{prop} fails for tests.mutants.pt2e:{mutant}" in done.stdout and says in done.stdout
 
 
 @pytest.mark.parametrize("name, says", [("raises", "raised"), ("hangs", "timeout"),

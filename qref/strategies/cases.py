@@ -183,11 +183,14 @@ class Case:
                            for i, args in enumerate(batches))
         return f"[{tuples}]"
 
-    def to_python(self, converter_target: str) -> str:
+    def to_python(self, converter_target: str, replay: tuple | None = None) -> str:
         """A standalone reproducer script: the model and setup sources, inputs loaded from
         ``inputs.pt`` next to the script (see :meth:`save_inputs`), prepare, calibrate,
         convert with ``converter_target`` and print its divergence from qref's reference conversion
-        at every quantize point (exit status 1 when they differ)."""
+        at every quantize point (exit status 1 when they differ).
+
+        ``replay=(module, property, arguments)``: instead, run that property of the suite on this
+        case with ``converter_target`` and print its verdict (exit status 1 when it fails)."""
         s = self.setup
         if s.flow == "pt2e":
             prepare = (
@@ -200,7 +203,6 @@ class Case:
                 "            prepared(*args)\n"
                 "    return prepared\n"
             )
-            convert_call = "convert(prepared)"
         else:
             prepare = (
                 f"    from torch.ao.quantization.quantize_fx import {'prepare_qat_fx' if s.qat else 'prepare_fx'}\n\n"
@@ -213,7 +215,6 @@ class Case:
                 + ("    prepared.eval()\n" if s.qat else "")
                 + "    return prepared\n"
             )
-            convert_call = "convert(prepared, backend_config=backend_config)"
         return (
             f'"""qref reproducer.\n\nmodel: {self.spec!r}\nsetup: {self.setup!r}\n'
             f'converter: {converter_target}\n\nRun next to inputs.pt (Case.save_inputs).\n"""\n'
@@ -231,7 +232,35 @@ class Case:
             f"LABELS = {list(self.input_labels)!r}\n\n\n"
             "def prepare():\n"
             + prepare
-            + "\n\ndef main():\n"
+            + (self._replay_main(converter_target, *replay) if replay else self._compare_main(converter_target))
+        )
+
+    def _replay_main(self, converter_target: str, module: str, name: str, arguments: dict) -> str:
+        from qref.strategies.models import __all__ as spec_names
+
+        classes = ", ".join(sorted(n for n in spec_names if n[0].isupper()))
+        return (
+            "\n\ndef main():\n"
+            "    # the property itself, as the suite ran it on this case (prepare() above is the same\n"
+            "    # preparation, written out in plain torchao/torch calls)\n"
+            "    from qref.properties._support import replay\n"
+            "    from qref.strategies.cases import Case\n"
+            f"    from qref.strategies.models import {classes}  # noqa: F401\n"
+            "    from qref.strategies.setups import QuantSetup\n\n"
+            f"    case = Case(spec={self.spec!r},\n"
+            f"                setup={self.setup!r},\n"
+            "                calibration=tuple(CALIBRATION), inputs=tuple(INPUTS), input_labels=tuple(LABELS))\n"
+            f"    raise SystemExit(replay({module!r}, {name!r}, {converter_target!r}, case, {arguments!r}))\n\n\n"
+            "if __name__ == \"__main__\":\n"
+            "    main()\n"
+        )
+
+    def _compare_main(self, converter_target: str) -> str:
+        s = self.setup
+        convert_call = ("convert(prepared)" if s.flow == "pt2e"
+                        else "convert(prepared, backend_config=backend_config)")  # fmt: skip
+        return (
+            "\n\ndef main():\n"
             "    import copy\n\n"
             "    import qref\n"
             "    from qref.compare import compare\n"
