@@ -130,10 +130,5 @@ def cannot_run_message(error: Exception) -> str:
     return f"the converted model cannot run: {type(error).__name__}: {error}"[:2000]
 
 
-def outputs_ok(comparison) -> bool:
-    """Only the final outputs hold (for forms whose inner quantize nodes legitimately differ)."""
-    return all(r.ok for r in comparison.outputs.values())
-
-
 def describe(case) -> str:
     return f"model: {case.spec!r}\nsetup: {case.setup!r}"

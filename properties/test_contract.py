@@ -19,7 +19,7 @@ from qref.observers import is_observer
 from qref.pt2e.ops import DEQUANTIZE, QUANTIZE, is_call, real_users
 from qref.strategies import cases
 
-from ._support import budget, outputs_ok, subject  # noqa: F401 (subject: fixture)
+from ._support import budget, subject  # noqa: F401 (subject: fixture)
 
 pytestmark = pytest.mark.qref_family("contract")
 
@@ -236,8 +236,8 @@ def test_reference_representation_honoured(subject, case):
     if left:
         subject.fail(case, f"use_reference_representation=True left float ops on dequantized inputs: {left}")
     result = compare(reference, converted, case.inputs, EXACT)
-    if not outputs_ok(result):
-        subject.fail(case, f"the integer representation differs from qref's:\n{result.message()}")
+    if not result.outputs_ok:
+        subject.fail(case, f"the integer representation differs from qref's:\n{result.outputs_message()}")
 
 
 # --- fx --------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import qref
 from qref.compare import EXACT, Tolerance, compare
 from qref.strategies import cases
 
-from ._support import budget, outputs_ok, subject  # noqa: F401 (subject: fixture)
+from ._support import budget, subject  # noqa: F401 (subject: fixture)
 
 pytestmark = pytest.mark.qref_family("equivalence")
 
@@ -119,9 +119,9 @@ def test_reference_representation_matches_reference(subject, case):
     # Only the outputs are judged: integer arithmetic replaces the inner quantize nodes.
     result = compare(reference, candidate, _inputs_quantized_alike(reference, case.inputs), REFERENCE_REPRESENTATION)
     subject.record.lsb(result.output_lsb or 0)
-    if not outputs_ok(result):
+    if not result.outputs_ok:
         subject.fail(case, f"{subject.target}(use_reference_representation=True) vs qref reference:\n"
-                           f"{result.message()}")
+                           f"{result.outputs_message()}")
 
 
 def _fx_matches_reference(subject, case):

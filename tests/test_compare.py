@@ -345,3 +345,13 @@ def test_lowered_fbgemm_beyond_calibration_leaves_the_contract_for_a_named_cause
     input_max = max(int(v.max()) for v in quantize_points(reference, data)["x"])
     cause = known_deviation("fbgemm", reduce_range=True, input_max=input_max, threads=1)
     assert cause is not None and "pytorch#44939" in cause and "pytorch#44939" in result.message()
+
+
+def test_outputs_message_judges_the_outputs_only(prepared_cache):
+    reference = converted(prepared_cache, "mlp", "qref_int8_sym")
+    assert compare(reference, reference, batches("mlp")).outputs_ok
+    result = compare(reference, shifted_at(reference, "relu", delta=3), batches("mlp"))
+    assert not result.outputs_ok
+    message = result.outputs_message()
+    assert message.startswith("first divergence: final output 'output[0]'"), message
+    assert "relu" not in message  # inner points are not what this verdict is about
