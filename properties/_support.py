@@ -41,7 +41,13 @@ class Subject:
         self.timeout = timeout
         self.record = record
         self.prop = prop  # the property (test function), for its reproducer
+        self.arguments: dict = {}  # its other drawn arguments (see drew)
         self._hung = None
+
+    def drew(self, **arguments) -> None:
+        """Note the property's drawn arguments besides ``case`` (e.g. ``fold_quantize``), so that
+        its reproducer can run it again; a property that draws nothing else needs no call."""
+        self.arguments = arguments
 
     @property
     def target(self) -> str:
@@ -78,13 +84,11 @@ class Subject:
             self.fail(case, cannot_run_message(error))
         return converted
 
-    def fail(self, case, message: str, **arguments):
-        """Fail the property with ``message``, the case that shows it and a reproducer.
-
-        ``arguments``: the property's other drawn arguments (e.g. ``fold_quantize``); with them
-        the reproducer replays the property itself, else it shows the plain conversion's
-        comparison with qref's reference."""
-        replay = _replay_of(self.prop, arguments) if self.prop is not None else None
+    def fail(self, case, message: str):
+        """Fail the property with ``message``, the case that shows it and a reproducer: one that
+        runs the property again, or, if it draws more than :meth:`drew` names, one that shows the
+        plain conversion's comparison with qref's reference."""
+        replay = _replay_of(self.prop, self.arguments) if self.prop is not None else None
         self.record.reproducer(case.to_python(self.target, replay), case.tensors())
         pytest.fail(f"{message}\n\n{describe(case)}", pytrace=False)
 

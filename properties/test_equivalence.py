@@ -61,13 +61,14 @@ _INPUT_QUANTIZE = (torch.ops.quantized_decomposed.quantize_per_tensor.default,)
 
 
 def _pt2e_matches_reference(subject, case, fold_quantize: bool):
+    subject.drew(fold_quantize=fold_quantize)
     reference = qref.convert_pt2e(case.prepared(), fold_quantize=fold_quantize)
     candidate = subject.convert(case, fold_quantize=fold_quantize)
     result = compare(reference, candidate, case.inputs, EXACT)
     subject.record.lsb(result.max_lsb)
     if not result.ok:
         subject.fail(case, f"{subject.target} vs qref reference (fold_quantize={fold_quantize}):\n"
-                           f"{result.message()}", fold_quantize=fold_quantize)
+                           f"{result.message()}")
 
 
 def _grouped_conv_case():

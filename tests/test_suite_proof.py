@@ -56,13 +56,15 @@ def test_real_converter_passes(target, flow, tmp_path):
     assert report["environment"]["example_database"] is False
 
 
-@pytest.mark.parametrize("mutant, prop, says", [
-    ("zero_point_off_by_one", "single_op_matches_reference", "first divergence"),
-    ("reference_representation_ignored", "reference_representation_honoured", "left float ops"),
+@pytest.mark.parametrize("target, prop, says", [
+    ("tests.mutants.pt2e:zero_point_off_by_one", "single_op_matches_reference", "first divergence"),
+    ("tests.mutants.pt2e:reference_representation_ignored", "reference_representation_honoured",
+     "left float ops"),
+    ("tests.mutants.misbehaving:raises", "single_op_matches_reference", "the converter raised"),
 ])
-def test_reproducer_script_fails_the_same_way(mutant, prop, says, tmp_path):
+def test_reproducer_script_fails_the_same_way(target, prop, says, tmp_path):
     artifacts = tmp_path / "artifacts"
-    status, report, output = check(f"tests.mutants.pt2e:{mutant}", "pt2e", tmp_path,
+    status, report, output = check(target, "pt2e", tmp_path,
                                    "-x", "-k", prop, options=("--artifacts", str(artifacts)))
     assert status == 1, output
     scripts = sorted(artifacts.rglob("repro.py"))
@@ -72,7 +74,7 @@ def test_reproducer_script_fails_the_same_way(mutant, prop, says, tmp_path):
                           cwd=tmp_path, timeout=600)
     assert done.returncode == 1, done.stdout + done.stderr[-2000:]
     # the property itself runs again on the shrunk case, and fails as it did in the suite
-    assert f"test_{prop} fails for tests.mutants.pt2e:{mutant}" in done.stdout and says in done.stdout
+    assert f"test_{prop} fails for {target}" in done.stdout and says in done.stdout, done.stdout
 
 
 @pytest.mark.parametrize("name, says", [("raises", "raised"), ("hangs", "timeout"),
