@@ -91,7 +91,8 @@ def test_ops_tier_is_one_quantizable_op(spec):
 @given(model_specs(tier="patterns"))
 def test_patterns_tier_is_one_pattern(spec):
     kinds = {type(l) for l in spec.layers}
-    assert len(_weighted(spec)) <= 4 and len(spec.layers) <= 5
+    # the longest pattern: conv, act, a pool that keeps the features few, flatten, linear, act
+    assert len(_weighted(spec)) <= 4 and len(spec.layers) <= 6
     assert kinds & {Conv, Linear, Residual, Cat}
 
 
