@@ -52,9 +52,12 @@ def _largest_uint8(reference, inputs) -> int | None:
 
 
 def _smallest_scale(reference) -> float | None:
-    """The smallest activation scale in the reference (a zero-range calibration makes it eps)."""
+    """The smallest activation or weight scale in the reference (a zero-range calibration or
+    all-zero weights, e.g. after folding a BatchNorm with zero gamma, make it float32 eps)."""
     scales = [float(getattr(reference, n.args[1].target)) for n in reference.graph.nodes
               if n.target is torch.quantize_per_tensor and isinstance(n.args[1], torch.fx.Node)]
+    scales += [float(m.weight_scale.min()) for m in reference.modules()
+               if isinstance(getattr(m, "weight_scale", None), torch.Tensor) and m.weight_scale.numel()]
     return min(scales, default=None)
 
 

@@ -90,9 +90,11 @@ ONEDNN_THREADS = (
 )
 
 QNNPACK_DEGENERATE_SCALE = (
-    "qnnpack wraps a requantized output beyond the uint8 range instead of saturating when the "
-    "input scale is degenerate (a zero-range calibration gives scale = float32 eps): seen "
-    "255 -> 7 on a Linear whose output is its bias (tests/test_fx_kernels.py pins it)"
+    "qnnpack wraps a requantized output beyond the uint8 range instead of saturating when an "
+    "input or weight scale is degenerate (a zero-range calibration, or all-zero weights as after "
+    "folding a BatchNorm with zero gamma, give scale = float32 eps, so the int32 bias is huge): "
+    "seen 255 -> 7 on a Linear whose output is its bias (tests/test_fx_kernels.py pins it), "
+    "106 for 0 on a conv1d with zero-gamma BatchNorm"
 )
 DEGENERATE_SCALE = 2.0**-20
 
@@ -115,8 +117,8 @@ def known_deviation(
     """Why a lowered model on ``engine`` may leave the 1-LSB contract, or None if it should hold.
 
     ``reduce_range``: that of the 8-bit activation observers; ``input_max``: the largest
-    quantized input value seen, if known; ``input_scale``: the smallest activation scale
-    feeding a kernel, if known; ``threads``: the intra-op thread count the model
+    quantized input value seen, if known; ``input_scale``: the smallest activation or weight
+    scale of a kernel, if known; ``threads``: the intra-op thread count the model
     runs with (default: the current one).
     """
     contract = KERNEL_CONTRACTS.get(engine)
