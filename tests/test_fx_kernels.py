@@ -123,3 +123,30 @@ def test_qnnpack_wraps_with_a_degenerate_input_scale():
     assert reference.flatten()[0].item() == pytest.approx(255 * scale)  # saturated at the top
     assert lowered.flatten()[0].item() == pytest.approx(7 * scale)  # 263 wrapped to 7
     assert known_deviation("qnnpack", False, input_scale=1.2e-7) == QNNPACK_DEGENERATE_SCALE
+
+
+@pytest.mark.skipif("qnnpack" not in engines(), reason="qnnpack does not run here")
+def test_qnnpack_wraps_with_a_degenerate_weight_scale():
+    """Found by the seeded CI run: a zero-gamma BatchNorm folds into all-zero conv weights (weight
+    scale = float32 eps), the int32 bias overflows and qnnpack is ~250 LSB off; the kernel
+    property sees the weight scale and names the deviation."""
+    import copy
+
+    from properties.test_kernels import _smallest_scale
+    from qref.compare import Tolerance, compare_lowered
+    from qref.engines import QNNPACK_DEGENERATE_SCALE
+    from qref.strategies.cases import prepare_case
+    from qref.strategies.models import BatchNorm, Conv, ModelSpec
+    from qref.strategies.setups import QuantSetup
+
+    spec = ModelSpec(input_shape=(2, 1, 1), layers=(Conv(1, 1, dim=1), BatchNorm(1, zero_gamma=(0,), dim=1)))
+    setup = QuantSetup("fx", kind="default", engine="qnnpack", per_channel=False)
+    x = torch.tensor([[[0.005]], [[-0.0025]]])  # input scale ~3e-5: not degenerate by itself
+    with use_engine("qnnpack", threads=1):
+        model = prepare_case(spec, setup, [(x,)])
+        reference = convert_to_reference_fx(copy.deepcopy(model))
+        result = compare_lowered(reference, convert_fx(copy.deepcopy(model)), [(x,)], Tolerance.kernel("qnnpack"))
+    assert not result.ok and result.max_lsb > 100
+    smallest = _smallest_scale(reference)
+    assert smallest == torch.finfo(torch.float32).eps  # the weight scale, not the input's
+    assert known_deviation("qnnpack", False, input_scale=smallest) == QNNPACK_DEGENERATE_SCALE
