@@ -32,13 +32,22 @@ def pytest_generate_tests(metafunc):  # noqa: D103 - engines this run exercises 
         metafunc.parametrize("engine", [e for e in chosen if e in qref.engines()])
 
 
-def _lower(subject, case, engine):
+def _engine_runs(case, engine) -> bool:
+    """Whether qref's own lowering runs on ``engine``: the engine's limits (qnnpack: add scale
+    ratios in [2**-14, 2**8); onednn: no output_padding) are not the converter's."""
     with qref.use_engine(engine, threads=1):
-        try:  # the engine's own limits (qnnpack: add scale ratios in [2**-14, 2**8)) are not the converter's
+        try:
             qref.convert_fx(case.prepared())(*case.inputs[0])
         except Exception as error:  # noqa: BLE001
             event(f"{engine} cannot run this model: {str(error).splitlines()[-1][:80]}")
-            reject()
+            return False
+    return True
+
+
+def _lower(subject, case, engine):
+    if not _engine_runs(case, engine):
+        reject()
+    with qref.use_engine(engine, threads=1):
         reference = qref.convert_to_reference_fx(case.prepared())
         lowered = subject.convert(case)
         return reference, lowered
@@ -105,12 +114,9 @@ def test_engines_agree(subject, qref_engines, case):
     event(f"{len(case.inputs) - len(inputs)} of {len(case.inputs)} inputs beyond fbgemm's 7-bit range")
     beyond = 127
     for engine in others:
+        if not _engine_runs(case, engine):
+            continue
         with qref.use_engine(engine, threads=1):
-            try:  # the engine's own limits (e.g. onednn: no output_padding) are not the converter's
-                qref.convert_fx(case.prepared())(*case.inputs[0])
-            except Exception as error:  # noqa: BLE001
-                event(f"{engine} cannot run this model: {type(error).__name__}")
-                continue
             lowered = subject.convert(case)
             layers = sum(1 for m in baseline.modules() if hasattr(m, "scale") and hasattr(m, "zero_point"))
             result = compare(baseline, lowered, inputs, Tolerance.within(2 * max(layers, 1), ENGINES_AGREE_CAUSE))

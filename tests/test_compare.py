@@ -143,17 +143,18 @@ def test_changed_quantize_scale(prepared_cache):
     assert f"reference scale={scale:.6g}" in message and f"candidate scale={scale * 1.25:.6g}" in message
 
 
+def drop_relu_qdq(gm):
+    """Remove the q/dq pair after the first relu (a dropped quantize/dequantize)."""
+    q = quantize_of(gm, "relu")
+    for dq in list(q.users):
+        dq.replace_all_uses_with(q.args[0])
+        gm.graph.erase_node(dq)
+    gm.graph.erase_node(q)
+
+
 def test_dropped_qdq_pair_is_missing(prepared_cache):
     reference = converted(prepared_cache, "mlp", "qref_int8_sym")
-
-    def drop(gm):
-        q = quantize_of(gm, "relu")
-        for dq in list(q.users):
-            dq.replace_all_uses_with(q.args[0])
-            gm.graph.erase_node(dq)
-        gm.graph.erase_node(q)
-
-    result = compare(reference, edited(reference, drop), batches("mlp"))
+    result = compare(reference, edited(reference, drop_relu_qdq), batches("mlp"))
     assert result.missing == ("relu",) and not result.ok
     assert result.first_divergence == "relu"
     assert "missing in the candidate" in result.message()
@@ -182,16 +183,8 @@ def test_points_renamed_by_another_converter_are_paired(prepared_cache):
 
 def test_renamed_and_dropped_points_stay_unpaired(prepared_cache):
     reference = converted(prepared_cache, "mlp", "qref_int8_sym")
-
-    def drop_first_relu_qdq(gm):
-        q = quantize_of(gm, "relu")
-        for dq in list(q.users):
-            dq.replace_all_uses_with(q.args[0])
-            gm.graph.erase_node(dq)
-        gm.graph.erase_node(q)
-
     # relu's q/dq is dropped and relu_1 renamed: which candidate relu is which is a guess
-    candidate = renamed(edited(reference, drop_first_relu_qdq), {"relu_1": "relu_5"})
+    candidate = renamed(edited(reference, drop_relu_qdq), {"relu_1": "relu_5"})
     result = compare(reference, candidate, batches("mlp"))
     assert set(result.missing) == {"relu", "relu_1"} and result.extra == ("relu_5",)
     assert not result.ok
