@@ -17,7 +17,7 @@ import qref
 from qref.compare import EXACT, compare
 from qref.observers import is_observer
 from qref.pt2e.ops import DEQUANTIZE, QUANTIZE, is_call, real_users
-from qref.strategies import cases
+from qref.strategies import cases, conv_bn_specs
 
 from ._support import budget, subject  # noqa: F401 (subject: fixture)
 
@@ -98,6 +98,16 @@ def _deterministic(subject, case, run_under):
 @budget("ops")
 @given(case=cases("pt2e", tier="patterns"))
 def test_prepared_model_not_silently_changed(subject, case):
+    _prepared_unchanged(subject, case)
+
+
+@pt2e
+@ops_tier
+@budget("ops")
+@given(case=cases("pt2e", qat=True, model=conv_bn_specs(qat=True)))
+def test_qat_fold_leaves_prepared_model_unchanged(subject, case):
+    # The QAT conv-bn fold is where converters wrote folded weights back through tensors they
+    # share with the prepared model (pytorch#104593): every example here has one to fold.
     _prepared_unchanged(subject, case)
 
 

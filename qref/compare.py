@@ -330,6 +330,7 @@ class _Point:
     kind: str  # "activation" | "weight"
     depth: int
     qparams: QParams | None
+    position: int  # in the graph, of the node the key names (pairing order; see _pairs)
     values: list = field(default_factory=list)  # integer tensor per batch
     float_inputs: list = field(default_factory=list)  # float input per batch (None for weights)
 
@@ -357,6 +358,7 @@ class _Recorder(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=False)
         self.gm = gm
         self.constant = _constant_nodes(gm.graph)
+        self.position = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.points: dict[str, _Point] = {}
         self.key_of: dict[fx.Node, str] = {}
         self.depth: dict[fx.Node, int] = {}
@@ -376,12 +378,13 @@ class _Recorder(fx.Interpreter):
         self._own_keys.add(key)
         return self.rename.get(key, key)
 
-    def _weight_key(self, dequantize: fx.Node) -> str | None:
+    def _weight_key(self, dequantize: fx.Node) -> tuple[str, fx.Node] | None:
+        """``user.argument`` of the weight's (first) user, and that user."""
         users = real_users(dequantize)
         if not users:
             return None
         user = users[0]
-        return f"{user.name}.{_argument_name(self.gm, user, dequantize)}"
+        return f"{user.name}.{_argument_name(self.gm, user, dequantize)}", user
 
     # -- running --------------------------------------------------------------------------------
     def run_batch(self, batch: tuple) -> None:
@@ -418,16 +421,16 @@ class _Recorder(fx.Interpreter):
             self._classify_outputs(n)
         elif n.op == "call_module" and n.target in self.modules:
             if isinstance(result, Tensor) and result.is_quantized:  # else: not lowered, "missing"
-                self._add_point(n, self.modules[n.target], "module", depth + 1, _tensor_qparams(result))
+                self._add_point(n, self.modules[n.target], "module", depth + 1, _tensor_qparams(result), n)
                 depth += 1
         elif calls and first is not None and _is_int(first_value) and first in self.constant and (
             _is_dequantize(n) or _is_float(result)
         ):
             # An integer constant turned into float: a (folded or unfolded) quantized weight.
-            key = self._weight_key(n)
-            if key is not None:
+            weight = self._weight_key(n)
+            if weight is not None:
                 qparams = _qparams(n, args, kwargs, result) if _is_dequantize(n) else None
-                self._add_point(n, self._new_key(key), "weight", 0, qparams)
+                self._add_point(n, self._new_key(weight[0]), "weight", 0, qparams, weight[1])
         elif calls and first is not None and first not in self.constant and _is_float(first_value) and (
             _is_quantize(n) or _is_int(result)
         ):
@@ -436,12 +439,13 @@ class _Recorder(fx.Interpreter):
             if first.op != "placeholder":
                 depth += 1
             qparams = _qparams(n, args, kwargs, result) if _is_quantize(n) else None
-            self._add_point(n, self._new_key(first.name), "activation", depth, qparams)
+            self._add_point(n, self._new_key(first.name), "activation", depth, qparams, first)
         self.depth[n] = depth
 
-    def _add_point(self, n, key, kind, depth, qparams) -> None:
+    def _add_point(self, n, key, kind, depth, qparams, named: fx.Node) -> None:
         self.key_of[n] = key
-        self.points[key] = _Point(key, n.target if kind == "module" else n.name, kind, depth, qparams)
+        node = n.target if kind == "module" else n.name
+        self.points[key] = _Point(key, node, kind, depth, qparams, self.position[named])
 
     def _classify_outputs(self, n: fx.Node) -> None:
         leaves, _ = pytree.tree_flatten(n.args[0])
@@ -888,19 +892,32 @@ def _name_group(key: str, kind: str) -> tuple:
 
 
 def _pairs(ref_points: dict, got_points: dict) -> dict:
-    """Candidate key -> reference key for points keyed differently only by fx's name numbering."""
-    unpaired_ref: dict[tuple, list] = {}
-    unpaired_got: dict[tuple, list] = {}
-    for points, others, groups in ((ref_points, got_points, unpaired_ref), (got_points, ref_points, unpaired_got)):
-        for key, point in points.items():
-            if key not in others:
-                groups.setdefault(_name_group(key, point.kind), []).append(key)
+    """Candidate key -> reference key, for points keyed differently only by fx's name numbering.
+
+    Another converter numbers its nodes its own way, even swapping numbers (torchao's QAT fold
+    names the first of two folded convs ``conv2d_2`` where qref has ``conv2d_3``), so within a
+    group of such points, equally many on both sides pair in graph order (of the nodes the
+    keys name: a weight's consumer, not its dequantize, which qref places first).  When the counts
+    differ (a point was dropped or added), equal keys pair, then the leftovers if equally many;
+    anything else would be a guess and stays unpaired.
+    """
+    ref_groups, got_groups = _groups(ref_points), _groups(got_points)
     pairs = {}
-    for group, got_keys in unpaired_got.items():
-        ref_keys = unpaired_ref.get(group, [])
-        if len(ref_keys) == len(got_keys):  # otherwise which is which is a guess: leave them
-            pairs.update(zip(got_keys, ref_keys))
+    for group, got_keys in got_groups.items():
+        ref_keys = ref_groups.get(group, [])
+        if len(ref_keys) != len(got_keys):
+            ref_keys = [k for k in ref_keys if k not in got_points]
+            got_keys = [k for k in got_keys if k not in ref_points]
+        if len(ref_keys) == len(got_keys):
+            pairs.update((got, ref) for got, ref in zip(got_keys, ref_keys) if got != ref)
     return pairs
+
+
+def _groups(points: dict) -> dict[tuple, list]:
+    groups: dict[tuple, list] = {}
+    for key, point in sorted(points.items(), key=lambda item: item[1].position):
+        groups.setdefault(_name_group(key, point.kind), []).append(key)
+    return groups
 
 
 def _forcing(ref: _Recorder) -> dict:

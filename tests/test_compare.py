@@ -72,6 +72,27 @@ def test_qref_and_torchao_agree_exactly_at_every_point(prepared_cache, model_nam
     assert "matches the reference within exact" in result.message()
 
 
+@pytest.mark.parametrize("fold_quantize", [True, False])
+def test_qat_folded_convs_pair_with_torchao(fold_quantize):
+    """Two QAT-folded convs (found by the suite): torchao numbers them conv2d_4, conv2d where qref
+    has conv2d_3, conv2d_2, and unfolded, qref's weight dequantizes come first, second conv's first."""
+    from qref.strategies.cases import prepare_case
+    from qref.strategies.models import BatchNorm, Conv, ModelSpec
+    from qref.strategies.setups import QuantSetup
+
+    spec = ModelSpec((2, 2, 1, 1), (Conv(2, 1, bias=False), BatchNorm(1), Conv(1, 1), BatchNorm(1)))
+    setup = QuantSetup(flow="pt2e", qat=True, kind="qref", per_channel=False, act_dtype="int8",
+                       symmetric=False, observer="minmax", engine=None, reduce_range=False)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(2, 2, 1, 1, generator=g),) for _ in range(3)]
+    prepared = prepare_case(spec, setup, data[:2])
+    reference = qref.convert_pt2e(copy.deepcopy(prepared), fold_quantize=fold_quantize)
+    candidate = torchao_convert(copy.deepcopy(prepared), fold_quantize=fold_quantize)
+    result = compare(reference, candidate, data)
+    assert result.ok and not result.missing and not result.extra, result.message()
+    assert sum(key.endswith(".weight") for key in result.points) == 2
+
+
 def test_folded_and_unfolded_weights_share_keys(prepared_cache):
     """fold_quantize only moves the weight quantize to convert time: same points, same integers."""
     prepared = prepared_cache.get("mlp", "qref_int8_sym")
@@ -179,6 +200,17 @@ def test_points_renamed_by_another_converter_are_paired(prepared_cache):
         result = compare(reference, candidate, batches("mlp"), isolate=isolate)
         assert result.ok and not result.missing and not result.extra, result.message()
         assert {"relu", "linear.weight", "linear.bias"} <= set(result.points)
+
+
+def test_points_with_swapped_numbers_are_paired_in_order(prepared_cache):
+    reference = converted(prepared_cache, "mlp", "qref_int8_sym")
+
+    def swap(gm):  # set the names directly: fx's namespace never gives a used name back
+        nodes = {n.name: n for n in gm.graph.nodes}
+        nodes["relu"].name, nodes["relu_1"].name = "relu_1", "relu"
+
+    result = compare(reference, edited(reference, swap), batches("mlp"))
+    assert result.ok and not result.missing and not result.extra, result.message()
 
 
 def test_renamed_and_dropped_points_stay_unpaired(prepared_cache):
