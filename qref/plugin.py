@@ -448,7 +448,10 @@ def _apply_expectations(config: pytest.Config, state: _State, items: list) -> No
                 tolerance_done = True
             elif e.kind == "xfail" and not xfail_done:
                 reason = f"{_report.EXPECTED_SKIP_PREFIX}{e.reason}"
-                item.add_marker(pytest.mark.skip(reason=reason) if as_skip else pytest.mark.xfail(reason=e.reason, strict=False))
+                if as_skip:
+                    item.add_marker(pytest.mark.skip(reason=reason))
+                else:
+                    expect_failure(item, e)
                 xfail_done = True
             else:
                 continue
@@ -458,6 +461,14 @@ def _apply_expectations(config: pytest.Config, state: _State, items: list) -> No
 
 
 _EXPECTATION = pytest.StashKey[int]()
+_EXPECTED_FAILURE = pytest.StashKey[object]()  # the Expectation an xfail came from
+
+
+def expect_failure(item: pytest.Item, entry) -> None:
+    """Mark ``item`` as an expected failure of ``entry``; a failure with another message than
+    the entry's ``failure`` (if it has one) is then reported as a real failure."""
+    item.add_marker(pytest.mark.xfail(reason=entry.reason, strict=False))
+    item.stash[_EXPECTED_FAILURE] = entry
 
 
 # --- running: tier gating, per-test data on the reports, artifacts ----------------------------------
@@ -517,11 +528,9 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 
 def _unexpected_failure_fails(item: pytest.Item, call, report) -> None:
     """An expected failure whose message is not the entry's ``failure`` is a real failure."""
-    state = _state(item.config)
-    index = item.stash.get(_EXPECTATION, None)
-    if state is None or index is None or getattr(report, "wasxfail", None) is None or call.excinfo is None:
+    entry = item.stash.get(_EXPECTED_FAILURE, None)
+    if entry is None or getattr(report, "wasxfail", None) is None or call.excinfo is None:
         return
-    entry = state.expectations[index]
     if entry.expects(str(call.excinfo.value)):
         return
     report.outcome = "failed"

@@ -142,6 +142,26 @@ def test_markers_are_registered(pytester):
         assert marker in out
 
 
+@pytest.mark.parametrize("failure, expected", [("known defect", True), ("other defect", False)])
+def test_failure_condition_holds_with_the_plugin_inert(pytester, failure, expected):
+    # the plain-pytest path of properties/conftest.py marks its default expectations this way
+    pytester.makeconftest(f"""
+        from qref.expectations import Expectation
+        from qref.plugin import expect_failure
+
+        def pytest_collection_modifyitems(items):
+            for item in items:
+                expect_failure(item, Expectation(0, "*", "pinned", failure="{failure}"))
+        """)
+    pytester.makepyfile(test_x="def test_x():\n    assert False, 'a known defect'\n")
+    result = pytester.runpytest()
+    if expected:
+        result.assert_outcomes(xfailed=1)
+    else:
+        result.assert_outcomes(failed=1)
+        result.stdout.fnmatch_lines(["*expected to fail with 'other defect' (pinned), but it failed otherwise*"])
+
+
 def test_plain_pytest_run_is_unaffected_and_imports_no_torch(pytester):
     # An unrelated project, in a fresh interpreter: the plugin is loaded (entry point) and idle.
     pytester.makepyfile(
