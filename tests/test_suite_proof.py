@@ -56,15 +56,16 @@ def test_real_converter_passes(target, flow, tmp_path):
     assert report["environment"]["example_database"] is False
 
 
-@pytest.mark.parametrize("target, prop, says", [
-    ("tests.mutants.pt2e:zero_point_off_by_one", "single_op_matches_reference", "first divergence"),
-    ("tests.mutants.pt2e:reference_representation_ignored", "reference_representation_honoured",
+@pytest.mark.parametrize("target, flow, prop, says", [
+    ("tests.mutants.pt2e:zero_point_off_by_one", "pt2e", "single_op_matches_reference", "first divergence"),
+    ("tests.mutants.pt2e:reference_representation_ignored", "pt2e", "reference_representation_honoured",
      "left float ops"),
-    ("tests.mutants.misbehaving:raises", "single_op_matches_reference", "the converter raised"),
+    ("tests.mutants.misbehaving:raises", "pt2e", "single_op_matches_reference", "the converter raised"),
+    ("tests.mutants.fx:qconfig_kept", "fx", "fx_remove_qconfig_honoured", "modules with a qconfig attribute"),
 ])
-def test_reproducer_script_fails_the_same_way(target, prop, says, tmp_path):
+def test_reproducer_script_fails_the_same_way(target, flow, prop, says, tmp_path):
     artifacts = tmp_path / "artifacts"
-    status, report, output = check(target, "pt2e", tmp_path,
+    status, report, output = check(target, flow, tmp_path,
                                    "-x", "-k", prop, options=("--artifacts", str(artifacts)))
     assert status == 1, output
     scripts = sorted(artifacts.rglob("repro.py"))
