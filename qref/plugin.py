@@ -43,7 +43,9 @@ import json
 import os
 import platform
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,6 +156,7 @@ class _State:
     artifacts_dir: Path | None = None
     # lower-tier failures seen in this process: (tier rank, tier, flow, nodeid)
     failures: list[tuple[int, str, str | None, str]] = field(default_factory=list)
+    failures_dir: str | None = None  # under xdist: where the workers share their failures
     outcomes: _report.Outcomes = field(default_factory=_report.Outcomes)
     environment: dict = field(default_factory=dict)
     collection_errors: list[dict] = field(default_factory=list)
@@ -195,7 +198,9 @@ def pytest_configure(config: pytest.Config) -> None:
     except (ExpectationsError, _Usage) as exc:
         raise pytest.UsageError(f"qref: {exc}") from None
     config.stash[_STATE] = state
-    if not _is_worker(config):
+    if _is_worker(config):
+        state.failures_dir = config.workerinput.get(_SHARED_FAILURES)
+    else:
         config.pluginmanager.register(_Controller(config, state), "qref-controller")
 
 
@@ -477,13 +482,32 @@ def expect_failure(item: pytest.Item, entry) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     state = _state(item.config)
-    if state is None or not state.failures:
+    if state is None:
         return
     rank = _tier_rank(_marker_arg(item, "qref_tier"))
     flow = _marker_arg(item, "qref_flow")
-    for failed_rank, failed_tier, failed_flow, nodeid in sorted(state.failures):
+    for failed_rank, failed_tier, failed_flow, nodeid in sorted(_tier_failures(state)):
         if failed_rank < rank and (failed_flow is None or flow is None or failed_flow == flow):
             _skip_at_item(f"{_report.NOT_RUN_PREFIX}{nodeid} failed (tier {failed_tier})")
+
+
+_SHARED_FAILURES = "qref_tier_failures"  # workerinput key: the directory of shared failures
+
+
+def _add_tier_failure(state: _State, failure: tuple) -> None:
+    state.failures.append(failure)
+    if state.failures_dir is not None:  # tell the other xdist workers (written whole, then renamed)
+        path = Path(state.failures_dir, f"{os.getpid()}-{len(state.failures)}.json")
+        path.with_suffix(".tmp").write_text(json.dumps(failure))
+        os.replace(path.with_suffix(".tmp"), path)
+
+
+def _tier_failures(state: _State) -> list[tuple]:
+    """This process's lower-tier failures and, under xdist, those the other workers reported so far."""
+    if state.failures_dir is None:
+        return state.failures
+    shared = [tuple(json.loads(p.read_text())) for p in Path(state.failures_dir).glob("*.json")]
+    return state.failures + [f for f in shared if f not in state.failures]
 
 
 def _skip_at_item(reason: str) -> None:
@@ -517,7 +541,7 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     if report.failed:
         item.stash[_FAILED] = True
         if tier in TIERS and not any(f[3] == item.nodeid for f in state.failures):
-            state.failures.append((_tier_rank(tier), tier, flow, item.nodeid))
+            _add_tier_failure(state, (_tier_rank(tier), tier, flow, item.nodeid))
     if report.when == "teardown" and item.stash.get(_FAILED, False) and state.artifacts_dir is not None:
         artifact = _write_artifact(state.artifacts_dir, item)
         if artifact is not None:
@@ -601,6 +625,13 @@ class _Controller:
                 self.state.collection_errors.append(error)
 
     @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node) -> None:
+        # pytest-xdist: a worker starts; give it the directory where workers share tier failures.
+        if self.state.failures_dir is None:
+            self.state.failures_dir = tempfile.mkdtemp(prefix="qref-tier-failures-")
+        node.workerinput[_SHARED_FAILURES] = self.state.failures_dir
+
+    @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node, error) -> None:
         # pytest-xdist: a worker finished; merge which expectations entries matched there.
         self.state.matched.update(getattr(node, "workeroutput", {}).get("qref_matched", ()))
@@ -608,6 +639,8 @@ class _Controller:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:
         state = self.state
         state.exit_status = int(exitstatus)
+        if state.failures_dir is not None:
+            shutil.rmtree(state.failures_dir, ignore_errors=True)
         if state.environment.get("profile") is None:
             state.environment["profile"] = _current_profile(self.config)
         if state.environment.get("example_database") is None:

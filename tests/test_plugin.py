@@ -255,6 +255,38 @@ def test_lower_tier_failure_skips_higher_tiers_of_the_same_flow(suite):
     assert rows["fx_patterns"]["status"] == "passed"
 
 
+def test_lower_tier_failure_gates_the_other_xdist_workers(pytester):
+    # --dist loadfile: one file per worker; the ops test of the second waits for the first's failure
+    pytester.makepyfile(fakeconv=FAKECONV, test_low="""
+        import pytest
+
+        @pytest.mark.qref_tier("ops")
+        def test_ops_bad(qref_converter):
+            assert False, "converter diverges"
+        """, test_high="""
+        import pathlib, time
+        import pytest
+
+        @pytest.mark.qref_tier("ops")
+        def test_ops_waits(qref_converter, request):
+            shared = pathlib.Path(request.config.workerinput["qref_tier_failures"])
+            deadline = time.monotonic() + 120
+            while not list(shared.glob("*.json")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+        @pytest.mark.qref_tier("models")
+        def test_models(qref_converter):
+            pass
+        """)
+    result = pytester.runpytest("--qref-converter", "fakeconv:good", "-n", "2", "--dist", "loadfile", "-v")
+    result.assert_outcomes(passed=1, failed=1, skipped=1)
+    worker = {name: next(line.split("]")[0] for line in result.stdout.lines
+                         if line.startswith("[gw") and line.rstrip().endswith(f"::{name}"))
+              for name in ("test_ops_bad", "test_models")}
+    assert worker["test_ops_bad"] != worker["test_models"], f"one worker ran both files: {worker}"
+    result.stdout.fnmatch_lines(["*SKIPPED*test_models*", "*models*not run: ops_bad failed (tier ops)*"])
+
+
 def test_flow_independent_primitive_failure_gates_both_flows(pytester):
     pytester.makepyfile(
         test_gate="""
