@@ -95,11 +95,11 @@ class Subject:
 
 def _replay_of(prop, arguments: dict) -> tuple | None:
     """(module, name, arguments) to run the property again on one case; None if it draws more
-    than ``case`` and ``arguments`` (e.g. ``st.data()``)."""
+    than ``case`` (or ``st.data()`` whose one draw is the case) and ``arguments``."""
     import inspect
 
     test = getattr(getattr(prop, "hypothesis", None), "inner_test", None)
-    if test is None or set(inspect.signature(test).parameters) != {"subject", "case", *arguments}:
+    if test is None or set(inspect.signature(test).parameters) - {"case", "data"} != {"subject", *arguments}:
         return None
     module = prop.__module__
     if module.startswith("properties."):  # collected from a checkout: the installed name
@@ -111,14 +111,16 @@ def replay(module: str, name: str, target: str, case, arguments: dict) -> int:
     """Run property ``module.name`` on ``case`` against converter ``target`` and print the
     verdict; the exit status of a reproducer (1: the property fails)."""
     import importlib
+    import inspect
 
     from qref.converters import resolve
     from qref.plugin import QrefRecord
 
     test = getattr(importlib.import_module(module), name).hypothesis.inner_test
     subject = Subject(resolve(target, case.setup.flow), None, QrefRecord())
+    drawn = {"data": _CaseDraw(case)} if "data" in inspect.signature(test).parameters else {"case": case}
     try:
-        test(subject=subject, case=case, **arguments)
+        test(subject=subject, **drawn, **arguments)
     except pytest.fail.Exception as failure:
         print(f"{name} fails for {target}:\n{failure.msg}")
         return 1
@@ -127,6 +129,16 @@ def replay(module: str, name: str, target: str, case, arguments: dict) -> int:
         return 0
     print(f"{name} holds for {target} on this case")
     return 0
+
+
+class _CaseDraw:
+    """``st.data()`` in a replay, for a property whose one draw from it is the case."""
+
+    def __init__(self, case):
+        self.case = case
+
+    def draw(self, strategy, label=None):
+        return self.case
 
 
 def cannot_run_message(error: Exception) -> str:

@@ -12,12 +12,13 @@ import copy
 import pytest
 import torch
 from hypothesis import event, given
+from hypothesis import strategies as st
 
 import qref
 from qref.compare import EXACT, compare
 from qref.observers import is_observer
 from qref.pt2e.ops import DEQUANTIZE, QUANTIZE, is_call, real_users
-from qref.strategies import cases, conv_bn_specs
+from qref.strategies import cases, conv_bn_specs, model_specs
 
 from ._support import budget, subject  # noqa: F401 (subject: fixture)
 
@@ -172,10 +173,15 @@ def test_train_eval_disallowed(subject, case):
                            "train()/eval() (use torchao's move_exported_model_to_eval/train)")
 
 
+# Patterns where one quantized value feeds two ops: only there can a dequantize end up shared.
+_FAN_OUT_CASES = st.booleans().flatmap(
+    lambda qat: cases("pt2e", qat=qat, model=model_specs("pt2e", "patterns", qat, kinds=("add", "cat"))))
+
+
 @pt2e
 @ops_tier
 @budget("ops")
-@given(case=cases("pt2e", tier="patterns"))
+@given(case=_FAN_OUT_CASES)
 def test_each_dequantize_has_one_user(subject, case):
     converted = subject.convert(case)
     shared = {n.name: [u.name for u in real_users(n)]

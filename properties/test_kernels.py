@@ -74,6 +74,7 @@ def _smallest_scale(reference) -> float | None:
 @budget("ops")
 @given(data=st.data())
 def test_lowered_within_kernel_contract(subject, engine, data):
+    subject.drew(engine=engine)  # data: only the case (a replay passes it)
     case = data.draw(cases("fx", tier="patterns", engine=engine), label="case")
     reference, lowered = _lower(subject, case, engine)
     with qref.use_engine(engine, threads=1):

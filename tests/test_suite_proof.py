@@ -78,6 +78,29 @@ def test_reproducer_script_fails_the_same_way(target, flow, prop, says, tmp_path
     assert f"test_{prop} fails for {target}" in done.stdout and says in done.stdout, done.stdout
 
 
+def fx_raises(model, convert_custom_config=None, _remove_qconfig=True, qconfig_mapping=None,
+              backend_config=None):
+    raise RuntimeError("planted")
+
+
+def test_replay_hands_the_case_to_a_property_that_draws_it_from_data(capsys):
+    # in-process: the kernel property draws its case from st.data() (the engine is a fixture)
+    import qref
+    from hypothesis import Phase, find, settings
+    from properties._support import _replay_of, replay
+    from properties.test_kernels import test_lowered_within_kernel_contract as prop
+    from qref.strategies import cases
+
+    engine = qref.engines()[0]
+    assert _replay_of(prop, {"engine": engine}) == ("qref.properties.test_kernels", prop.__name__, {"engine": engine})
+
+    case = find(cases("fx", tier="ops", engine=engine), lambda case: True,
+                settings=settings(database=None, deadline=None, phases=[Phase.generate]))  # the simplest
+    status = replay("qref.properties.test_kernels", prop.__name__, f"{__name__}:fx_raises", case, {"engine": engine})
+    out = capsys.readouterr().out
+    assert status == 1 and f"{prop.__name__} fails for" in out and "raised RuntimeError: planted" in out, out
+
+
 @pytest.mark.parametrize("name, says", [("raises", "raised"), ("hangs", "timeout"),
                                         ("returns_wrong_type", "wrong-type"), ("returns_nan", "NaN"),
                                         ("returns_unrunnable", "cannot run")])
