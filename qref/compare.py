@@ -58,6 +58,7 @@ __all__ = [
     "PointResult",
     "Comparison",
     "quantize_points",
+    "output_quantization",
     "compare",
     "compare_lowered",
 ]
@@ -521,6 +522,12 @@ def quantize_points(gm: fx.GraphModule, batches: Sequence) -> dict[str, list[Ten
     never modified. Keys are described in the module docstring.
     """
     return {key: point.values for key, point in _run(gm, batches).points.items()}
+
+
+def output_quantization(gm: fx.GraphModule, batch) -> list[tuple[QParams | None, int]]:
+    """Per output of ``gm``: its qparams if it is a dequantize (else ``None``), and how many
+    requantizations the longest path to it has (what a depth budget counts)."""
+    return [(out.qparams, out.depth) for out in _run(gm, [batch]).outputs]
 
 
 # ---------------------------------------------------------------------------------------------

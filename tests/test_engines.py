@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.ao.nn.quantized as nnq
@@ -52,10 +54,21 @@ def test_unknown_engine_lists_available():
     assert torch.backends.quantized.engine == before
 
 
+@pytest.mark.parametrize("avx512_vnni", [True, False], ids=["AVX512-VNNI CPU", "CPU without VNNI"])
+def test_known_deviation_of_int16_pairs_depends_on_the_cpu(monkeypatch, avx512_vnni):
+    for engine in ("fbgemm", "x86"):  # the contracts as has_vnni(avx512=True) would set them
+        contract = dataclasses.replace(KERNEL_CONTRACTS[engine], seven_bit_activations=not avx512_vnni)
+        monkeypatch.setitem(KERNEL_CONTRACTS, engine, contract)
+    if avx512_vnni:  # int32 dot products: no int16 pairs to saturate
+        assert known_deviation("fbgemm", reduce_range=False) is None
+        assert known_deviation("x86", reduce_range=True, input_max=200) is None
+    else:
+        assert "no AVX512-VNNI" in known_deviation("fbgemm", reduce_range=False)
+        assert "pytorch#44939" in known_deviation("x86", reduce_range=True, input_max=200)
+
+
 def test_known_deviation():
-    assert "pytorch#44939" in known_deviation("fbgemm", reduce_range=False)
     assert known_deviation("fbgemm", reduce_range=True, threads=1) is None
-    assert known_deviation("fbgemm", reduce_range=True, input_max=200) is not None
     assert known_deviation("fbgemm", reduce_range=False, dtype=torch.qint8) is None  # int8 activations
     assert known_deviation("qnnpack", reduce_range=False, threads=8) is None
     assert "set_num_threads(1)" in known_deviation("onednn", reduce_range=True, threads=2)
