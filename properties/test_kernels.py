@@ -60,6 +60,14 @@ def _largest_uint8(reference, inputs) -> int | None:
     return max(values, default=None)
 
 
+def _failing_modules(lowered, result) -> list:
+    """The lowered modules at the points that left the contract (a kernel's limits may depend
+    on its shape, e.g. onednn's ConvTranspose channels)."""
+    modules = dict(lowered.named_modules())
+    points = [result.points[k] for k in result.failures if k in result.points]
+    return [modules[p.key] for p in points if p.kind == "module" and p.key in modules]
+
+
 def _smallest_scale(reference) -> float | None:
     """The smallest activation or weight scale in the reference (a zero-range calibration or
     all-zero weights, e.g. after folding a BatchNorm with zero gamma, make it float32 eps)."""
@@ -84,7 +92,8 @@ def test_lowered_within_kernel_contract(subject, engine, data):
         return
     deviation = known_deviation(engine, case.setup.reduce_range, threads=1,
                                 input_max=_largest_uint8(reference, case.inputs),
-                                input_scale=_smallest_scale(reference))
+                                input_scale=_smallest_scale(reference),
+                                modules=_failing_modules(lowered, result))
     if deviation:
         event(f"known kernel deviation on {engine}")
         subject.record.note(f"{engine}: {result.max_lsb} LSB, known deviation: {deviation}")
@@ -123,6 +132,7 @@ def test_engines_agree(subject, qref_engines, case):
             result = compare(baseline, lowered, inputs, Tolerance.within(2 * max(layers, 1), ENGINES_AGREE_CAUSE))
         subject.record.lsb(result.max_lsb)
         if not result.ok and not known_deviation(engine, True, threads=1, input_max=beyond,
-                                                 input_scale=_smallest_scale(reference)):
+                                                 input_scale=_smallest_scale(reference),
+                                                 modules=_failing_modules(lowered, result)):
             subject.fail(case, f"fbgemm and {engine} disagree beyond their overlapping contracts:\n"
                                f"{result.message()}")

@@ -106,6 +106,22 @@ QNNPACK_DEGENERATE_SCALE = (
 )
 DEGENERATE_SCALE = 2.0**-20
 
+ONEDNN_DECONV_CHANNELS = (
+    "onednn's quantized ConvTranspose (also under the x86 engine, which hands it to onednn) is "
+    "wrong when in and out channels per group differ and both exceed 1: up to 255 LSB inside "
+    "the calibrated range, exact with equal channel counts; fbgemm and qnnpack are exact on the "
+    "same model (seen on an AVX512-VNNI/AMX CPU, torch 2.13; pinned in tests/test_fx_kernels.py)"
+)
+
+
+def _onednn_deconv_channels(module) -> bool:
+    import torch.ao.nn.quantized as nnq
+
+    if not isinstance(module, (nnq.ConvTranspose1d, nnq.ConvTranspose2d, nnq.ConvTranspose3d)):
+        return False
+    per_group_in, per_group_out = module.in_channels // module.groups, module.out_channels // module.groups
+    return per_group_in > 1 and per_group_out > 1 and per_group_in != per_group_out
+
 KERNEL_CONTRACTS = {
     "fbgemm": KernelContract(1, not has_vnni(avx512=True), None, INT16_PAIRS.format(engine="fbgemm")),
     "x86": KernelContract(1, not has_vnni(avx512=True), None, INT16_PAIRS.format(engine="x86 (fbgemm/onednn)")),
@@ -121,17 +137,21 @@ def known_deviation(
     threads: int | None = None,
     input_max: int | None = None,
     input_scale: float | None = None,
+    modules=(),
 ) -> str | None:
     """Why a lowered model on ``engine`` may leave the 1-LSB contract, or None if it should hold.
 
     ``reduce_range``: that of the 8-bit activation observers; ``input_max``: the largest
     quantized input value seen, if known; ``input_scale``: the smallest activation or weight
     scale of a kernel, if known; ``threads``: the intra-op thread count the model
-    runs with (default: the current one).
+    runs with (default: the current one); ``modules``: the lowered modules that left the
+    contract, if known.
     """
     contract = KERNEL_CONTRACTS.get(engine)
     if contract is None:
         return None
+    if engine in ("onednn", "x86") and any(_onednn_deconv_channels(m) for m in modules):
+        return ONEDNN_DECONV_CHANNELS
     if engine == "qnnpack" and input_scale is not None and input_scale < DEGENERATE_SCALE:
         return QNNPACK_DEGENERATE_SCALE
     too_wide = not reduce_range or (input_max is not None and input_max > 127)

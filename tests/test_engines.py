@@ -75,3 +75,19 @@ def test_known_deviation():
     assert known_deviation("onednn", reduce_range=True, threads=1) is None
     assert known_deviation("unknown", reduce_range=False) is None
     assert all(c.max_lsb == 1 for c in KERNEL_CONTRACTS.values())
+
+
+def test_onednn_conv_transpose_deviation_depends_on_channels_per_group():
+    import torch.ao.nn.quantized as nnq
+
+    from qref.engines import ONEDNN_DECONV_CHANNELS
+
+    def deconv(cin, cout, groups=1):
+        return nnq.ConvTranspose2d(cin, cout, 1, groups=groups)
+
+    assert known_deviation("onednn", True, threads=1, modules=[deconv(3, 2)]) == ONEDNN_DECONV_CHANNELS
+    assert known_deviation("x86", True, threads=1, modules=[deconv(6, 4, groups=2)]) == ONEDNN_DECONV_CHANNELS
+    for same in (deconv(3, 3), deconv(1, 4), deconv(4, 1), deconv(4, 2, groups=2)):
+        assert known_deviation("onednn", True, threads=1, modules=[same]) is None
+    assert known_deviation("fbgemm", True, threads=1, modules=[deconv(3, 2)]) is None
+    assert known_deviation("onednn", True, threads=1, modules=[nnq.Conv2d(3, 2, 1)]) is None

@@ -157,3 +157,37 @@ def test_qnnpack_wraps_with_a_degenerate_weight_scale():
     smallest = _smallest_scale(reference)
     assert smallest == torch.finfo(torch.float32).eps  # the weight scale, not the input's
     assert known_deviation("qnnpack", False, input_scale=smallest) == QNNPACK_DEGENERATE_SCALE
+
+
+@pytest.mark.parametrize("engine", [e for e in ("onednn", "x86") if e in engines()])
+def test_onednn_conv_transpose_with_unequal_channels_is_named(engine):
+    """Found by the kernel property (seeded runs on an AVX512-VNNI/AMX CPU): onednn's quantized
+    ConvTranspose leaves the contract when in and out channels per group differ; with equal
+    channel counts it holds. Where this CPU's onednn gets it right, only the naming is checked."""
+    import copy
+
+    from qref.compare import Tolerance, compare_lowered
+    from qref.engines import ONEDNN_DECONV_CHANNELS
+    from qref.strategies.cases import prepare_case
+    from qref.strategies.models import Conv, ModelSpec
+    from qref.strategies.setups import QuantSetup
+
+    # x86: its default mapping (per-tensor ConvTranspose weights); onednn's default mapping asks
+    # for per-channel ConvTranspose weights, which prepare_fx refuses: a per-tensor custom one
+    setup = (QuantSetup("fx", kind="default", engine=engine, reduce_range=True) if engine == "x86"
+             else QuantSetup("fx", kind="custom", engine=engine, per_channel=False))
+    worst = {}
+    for channels in [(3, 2), (3, 3)]:
+        spec = ModelSpec(input_shape=(2, channels[0], 3, 3), layers=(Conv(*channels, transpose=True),))
+        g = torch.Generator().manual_seed(3)
+        calibration, x = torch.randn(2, channels[0], 3, 3, generator=g), torch.randn(2, channels[0], 3, 3, generator=g)
+        with use_engine(engine, threads=1):
+            model = prepare_case(spec, setup, [(calibration,)])
+            reference, lowered = convert_to_reference_fx(copy.deepcopy(model)), convert_fx(copy.deepcopy(model))
+            result = compare_lowered(reference, lowered, [(x,)], Tolerance.kernel(engine))
+        worst[channels] = result.max_lsb
+        conv = lowered.get_submodule("conv0")
+        cause = known_deviation(engine, True, threads=1, modules=[conv])
+        assert (cause == ONEDNN_DECONV_CHANNELS) == (channels == (3, 2))
+    print(f"\n[{engine} ConvTranspose2d 3->2 / 3->3] max {worst[(3, 2)]} / {worst[(3, 3)]} LSB")
+    assert worst[(3, 3)] <= 1
