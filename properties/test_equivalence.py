@@ -14,6 +14,9 @@ reference-decomposed model is the kernel family's business.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 from hypothesis import example, given
@@ -21,7 +24,7 @@ from hypothesis import strategies as st
 
 import qref
 from qref.compare import EXACT, Tolerance, compare
-from qref.strategies import cases
+from qref.strategies import cases, conv_bn_specs, model_specs
 
 from ._support import budget, subject  # noqa: F401 (subject: fixture)
 
@@ -93,6 +96,25 @@ def test_single_op_matches_reference(subject, case, fold_quantize):
     _pt2e_matches_reference(subject, case, fold_quantize)
 
 
+_CHUNK = 4096  # parallel and vectorised kernels split work here; bugs hide in the remainder
+
+
+def _large_batch(spec, extra: int):
+    """The same network on a batch whose input has more than ``_CHUNK`` elements (the spec
+    strategies keep tensors small), ``extra`` samples beyond the first that passes it."""
+    per_sample = math.prod(spec.input_shape[1:])
+    return dataclasses.replace(spec, input_shape=(_CHUNK // per_sample + 1 + extra, *spec.input_shape[1:]))
+
+
+@pytest.mark.qref_flow("pt2e")
+@pytest.mark.qref_tier("ops")
+@budget("ops")
+@given(case=cases("pt2e", qat=False, model=st.builds(_large_batch, model_specs("pt2e", "ops"),
+                                                     st.integers(0, 3))))
+def test_large_tensor_matches_reference(subject, case):
+    _pt2e_matches_reference(subject, case, True)
+
+
 @pytest.mark.qref_flow("pt2e")
 @pytest.mark.qref_tier("patterns")
 @budget("patterns")
@@ -149,6 +171,15 @@ def test_fx_single_op_matches_reference(subject, case):
 @budget("patterns")
 @given(case=cases("fx", tier="patterns"))
 def test_fx_pattern_matches_reference(subject, case):
+    _fx_matches_reference(subject, case)
+
+
+@pytest.mark.qref_flow("fx")
+@pytest.mark.qref_tier("patterns")
+@budget("patterns")
+@given(case=cases("fx", qat=True, model=conv_bn_specs(flow="fx", qat=True)))
+def test_fx_qat_conv_bn_matches_reference(subject, case):
+    """Always a QAT conv-bn (the fused module's fold, with the BatchNorm's own eps)."""
     _fx_matches_reference(subject, case)
 
 
