@@ -116,11 +116,25 @@ def replay(module: str, name: str, target: str, case, arguments: dict) -> int:
     from qref.converters import resolve
     from qref.plugin import QrefRecord
 
+    from hypothesis import Phase, Verbosity, given, settings
+    from hypothesis import strategies as st
+    from hypothesis.errors import Unsatisfiable
+
     test = getattr(importlib.import_module(module), name).hypothesis.inner_test
     subject = Subject(resolve(target, case.setup.flow), None, QrefRecord())
     drawn = {"data": _CaseDraw(case)} if "data" in inspect.signature(test).parameters else {"case": case}
-    try:
+
+    # one run inside Hypothesis, which the property's event()/assume() calls need
+    @settings(database=None, deadline=None, max_examples=1, phases=[Phase.generate], verbosity=Verbosity.quiet)
+    @given(st.just(None))
+    def once(_):
         test(subject=subject, **drawn, **arguments)
+
+    try:
+        once()
+    except Unsatisfiable:
+        print(f"{name} not run: the case does not meet the property's assumptions")
+        return 0
     except pytest.fail.Exception as failure:
         print(f"{name} fails for {target}:\n{failure.msg}")
         return 1

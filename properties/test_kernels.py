@@ -112,6 +112,7 @@ def test_engines_agree(subject, qref_engines, case):
     """fbgemm-prepared models (reduce_range, so 7-bit activations) lowered on qnnpack: the engines
     whose 1-LSB contracts overlap here.  onednn without VNNI (and x86, which dispatches to it)
     pairs u8 x s8 products in int16 (INT16_PAIRS), so its contract does not overlap fbgemm's."""
+    subject.drew(qref_engines=qref_engines)  # a fixture, but its reproducer needs the list
     others = [e for e in qref_engines if e == "qnnpack" or (e in ("onednn", "x86") and has_vnni())]
     others = [e for e in others if e in qref.engines()]
     if "fbgemm" not in qref.engines() or not others:

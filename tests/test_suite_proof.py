@@ -86,6 +86,43 @@ def fx_raises(model, convert_custom_config=None, _remove_qconfig=True, qconfig_m
     raise RuntimeError("planted")
 
 
+def fx_off_on_qnnpack(model, convert_custom_config=None, _remove_qconfig=True, qconfig_mapping=None,
+                      backend_config=None):
+    """Lowered weighted modules get their bias shifted by 10 output steps, only under qnnpack."""
+    import torch
+
+    import qref
+
+    converted = qref.convert_fx(model, convert_custom_config, _remove_qconfig, qconfig_mapping, backend_config)
+    if torch.backends.quantized.engine == "qnnpack":
+        for module in converted.modules():
+            if hasattr(module, "set_weight_bias") and callable(getattr(module, "weight", None)):
+                weight, bias = module.weight(), module.bias()
+                bias = torch.zeros(weight.shape[0]) if bias is None else bias
+                module.set_weight_bias(weight, bias + 10 * module.scale)
+    return converted
+
+
+def test_replay_passes_the_engines_fixture_to_the_engines_agree_property(capsys):
+    import qref
+    from hypothesis import Phase, find, settings
+    from properties._support import _replay_of, replay
+    from properties.test_kernels import test_engines_agree as prop
+    from qref.strategies import cases
+
+    if not {"fbgemm", "qnnpack"} <= set(qref.engines()):
+        pytest.skip("needs fbgemm and qnnpack")
+    arguments = {"qref_engines": ["qnnpack"]}
+    assert _replay_of(prop, arguments) == ("qref.properties.test_kernels", prop.__name__, arguments)
+    # the simplest case whose calibration is not all zeros (a degenerate scale is a named qnnpack deviation)
+    case = find(cases("fx", tier="patterns", engine="fbgemm"), lambda case: bool(case.calibration[0][0].any()),
+                settings=settings(database=None, deadline=None, phases=[Phase.generate, Phase.shrink]))
+    status = replay("qref.properties.test_kernels", prop.__name__, f"{__name__}:fx_off_on_qnnpack", case, arguments)
+    out = capsys.readouterr().out
+    assert status == 1 and "fbgemm and qnnpack disagree" in out, out
+    assert replay("qref.properties.test_kernels", prop.__name__, "qref-fx", case, arguments) == 0
+
+
 def test_replay_hands_the_case_to_a_property_that_draws_it_from_data(capsys):
     # in-process: the kernel property draws its case from st.data() (the engine is a fixture)
     import qref
