@@ -110,9 +110,9 @@ def _large_batch(spec, extra: int):
 @pytest.mark.qref_tier("ops")
 @budget("ops")
 @given(case=cases("pt2e", qat=False, model=st.builds(_large_batch, model_specs("pt2e", "ops"),
-                                                     st.integers(0, 3))))
-def test_large_tensor_matches_reference(subject, case):
-    _pt2e_matches_reference(subject, case, True)
+                                                     st.integers(0, 3))), fold_quantize=st.booleans())
+def test_large_tensor_matches_reference(subject, case, fold_quantize):
+    _pt2e_matches_reference(subject, case, fold_quantize)
 
 
 @pytest.mark.qref_flow("pt2e")

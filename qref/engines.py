@@ -60,12 +60,13 @@ def use_engine(name: str, threads: int | None = None):
         torch.set_num_threads(previous_threads)
 
 
-def _cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+            return frozenset(flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split())
     except OSError:
-        return set()
+        return frozenset()
 
 
 def has_vnni(avx512: bool = False) -> bool:
@@ -145,12 +146,13 @@ def known_deviation(
     quantized input value seen, if known; ``input_scale``: the smallest activation or weight
     scale of a kernel, if known; ``threads``: the intra-op thread count the model
     runs with (default: the current one); ``modules``: the lowered modules that left the
-    contract, if known.
+    contract, if known (a shape-dependent deviation is named only if it explains each of them).
     """
     contract = KERNEL_CONTRACTS.get(engine)
     if contract is None:
         return None
-    if engine in ("onednn", "x86") and any(_onednn_deconv_channels(m) for m in modules):
+    modules = list(modules)
+    if engine in ("onednn", "x86") and modules and all(_onednn_deconv_channels(m) for m in modules):
         return ONEDNN_DECONV_CHANNELS
     if engine == "qnnpack" and input_scale is not None and input_scale < DEGENERATE_SCALE:
         return QNNPACK_DEGENERATE_SCALE

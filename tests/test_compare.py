@@ -17,7 +17,7 @@ import torch
 import qref
 from fixtures.prepare import inputs
 from qref._quiet import import_torchao_quietly
-from qref.compare import EXACT, Tolerance, compare, compare_lowered, quantize_points
+from qref.compare import EXACT, Tolerance, compare, compare_lowered, output_quantization, quantize_points
 from qref.pt2e.ops import DEQUANTIZE, QUANTIZE
 
 import_torchao_quietly()
@@ -259,6 +259,14 @@ def test_depth_budget(prepared_cache):
 
     early = compare(reference, shifted_at(reference, "relu", delta=2), data, per_requant)
     assert early.first_divergence == "relu" and early.points["relu"].allowed == 1
+
+
+def test_output_quantization_gives_the_output_qparams_and_depth(prepared_cache):
+    """mlp: the output is linear_2's dequantize, three requantizations from the input."""
+    reference = converted(prepared_cache, "mlp", "qref_int8_sym")
+    (qparams, depth), = output_quantization(reference, batches("mlp")[0])
+    q = quantize_of(reference, "linear_2")
+    assert depth == 3 and float(qparams.scale) == q.args[1] and int(qparams.zero_point) == q.args[2]
 
 
 def test_off_by_one_fraction(prepared_cache):

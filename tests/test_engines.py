@@ -78,8 +78,6 @@ def test_known_deviation():
 
 
 def test_onednn_conv_transpose_deviation_depends_on_channels_per_group():
-    import torch.ao.nn.quantized as nnq
-
     from qref.engines import ONEDNN_DECONV_CHANNELS
 
     def deconv(cin, cout, groups=1):
@@ -91,3 +89,24 @@ def test_onednn_conv_transpose_deviation_depends_on_channels_per_group():
         assert known_deviation("onednn", True, threads=1, modules=[same]) is None
     assert known_deviation("fbgemm", True, threads=1, modules=[deconv(3, 2)]) is None
     assert known_deviation("onednn", True, threads=1, modules=[nnq.Conv2d(3, 2, 1)]) is None
+
+
+@pytest.mark.parametrize("flags, vnni, avx512_vnni", [
+    ({"avx2"}, False, False), ({"avx2", "avx_vnni"}, True, False), ({"avx512f", "avx512_vnni"}, True, True)])
+def test_has_vnni_reads_the_cpu_flags(monkeypatch, flags, vnni, avx512_vnni):
+    import importlib
+
+    module = importlib.import_module("qref.engines")  # `qref.engines` is also a function
+    monkeypatch.setattr(module, "_cpu_flags", lambda: frozenset(flags))
+    assert module.has_vnni() is vnni and module.has_vnni(avx512=True) is avx512_vnni
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo():
+    import os
+
+    from qref.engines import _cpu_flags
+
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("no /proc/cpuinfo here")
+    flags = _cpu_flags()
+    assert "fpu" in flags or "sse2" in flags or "asimd" in flags or "fp" in flags, sorted(flags)[:20]
