@@ -136,7 +136,9 @@ def replay(module: str, name: str, target: str, case, arguments: dict) -> int:
         print(f"{name} not run: the case does not meet the property's assumptions")
         return 0
     except Flaky as flaky:  # Hypothesis runs a failing example twice; the second run passed
-        print(f"{name} fails for {target} only sometimes on this case:\n{flaky}")
+        # pytest's Failed is a BaseException: Hypothesis wraps it, the original is the cause
+        first = [str(e.__cause__ or e) for e in getattr(flaky, "exceptions", ())]
+        print(f"{name} fails for {target} only sometimes on this case:\n" + ("\n".join(first) or str(flaky)))
         return 1
     except pytest.fail.Exception as failure:
         print(f"{name} fails for {target}:\n{failure.msg}")
