@@ -123,6 +123,7 @@ def _onednn_deconv_channels(module) -> bool:
     per_group_in, per_group_out = module.in_channels // module.groups, module.out_channels // module.groups
     return per_group_in > 1 and per_group_out > 1 and per_group_in != per_group_out
 
+
 KERNEL_CONTRACTS = {
     "fbgemm": KernelContract(1, not has_vnni(avx512=True), None, INT16_PAIRS.format(engine="fbgemm")),
     "x86": KernelContract(1, not has_vnni(avx512=True), None, INT16_PAIRS.format(engine="x86 (fbgemm/onednn)")),
