@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import qref
 from qref.compare import EXACT, Tolerance, compare
-from qref.strategies import cases, conv_bn_specs, model_specs
+from qref.strategies import cases, conv_bn_specs, fixed_qparams_specs, model_specs
 
 from ._support import budget, subject  # noqa: F401 (subject: fixture)
 
@@ -116,6 +116,15 @@ def test_large_tensor_matches_reference(subject, case, fold_quantize):
 
 
 @pytest.mark.qref_flow("pt2e")
+@pytest.mark.qref_tier("ops")
+@budget("ops")
+@given(case=cases("pt2e", model=fixed_qparams_specs("pt2e")), fold_quantize=st.booleans())
+def test_fixed_qparams_op_matches_reference(subject, case, fold_quantize):
+    """Always a sigmoid or tanh, whose output qparams the quantizer fixes instead of observing."""
+    _pt2e_matches_reference(subject, case, fold_quantize)
+
+
+@pytest.mark.qref_flow("pt2e")
 @pytest.mark.qref_tier("patterns")
 @budget("patterns")
 @given(case=cases("pt2e", tier="patterns"), fold_quantize=st.booleans())
@@ -163,6 +172,15 @@ def _fx_matches_reference(subject, case):
 @budget("ops")
 @given(case=cases("fx", tier="ops"))
 def test_fx_single_op_matches_reference(subject, case):
+    _fx_matches_reference(subject, case)
+
+
+@pytest.mark.qref_flow("fx")
+@pytest.mark.qref_tier("ops")
+@budget("ops")
+@given(case=cases("fx", model=fixed_qparams_specs("fx")))
+def test_fx_fixed_qparams_op_matches_reference(subject, case):
+    """Always a sigmoid or tanh: lowered to the engine's fixed-qparams kernel."""
     _fx_matches_reference(subject, case)
 
 

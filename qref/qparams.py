@@ -105,6 +105,7 @@ def from_min_max(
 # element for element the observer's own, so the result is identical.
 
 _STEP = 1e-5
+_MAX_BATCH_ELEMENTS = 32767  # below at::internal::GRAIN_SIZE: element-wise ops stay single-threaded
 
 
 def _f32(x: float) -> float:
@@ -217,13 +218,16 @@ def histogram_range(
     walk = _candidate_ranges(torch.cumsum(histogram, dim=0).tolist(), torch.sum(histogram).item())
     norm_of = _RangeNorm(histogram, min_val.item(), max_val.item(), dst_bins)
     start, end, best = 0, bins - 1, float("inf")
-    chunk = 4  # most walks stop early; long ones are evaluated in growing batches
+    # Most walks stop within a few candidates: evaluate 4, then batches of up to
+    # _MAX_BATCH_ELEMENTS, which run on one thread and never wait for a core another
+    # process holds (4-8x slower when they did, on a busy 2-core machine).
+    chunk = 4
     while ranges := list(itertools.islice(walk, chunk)):
         for (new_start, new_end), norm in zip(ranges, norm_of(ranges)):
             if norm > best:
                 return _range_bounds(min_val, max_val, bins, start, end)
             best, start, end = norm, new_start, new_end
-        chunk = min(4 * chunk, 256)
+        chunk = max(1, _MAX_BATCH_ELEMENTS // bins)
     return _range_bounds(min_val, max_val, bins, start, end)
 
 

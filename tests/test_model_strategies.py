@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import qref.strategies.models as models_module
 from qref.observers import is_observer
 from qref.strategies import (
-    Act, BatchNorm, Cat, Conv, Linear, ModelSpec, Pool, QuantSetup, Residual, cases,
+    Act, BatchNorm, Cat, Conv, Linear, MatMul, ModelSpec, Pool, QuantSetup, Residual, cases,
     conv_bn_specs, model_specs, quant_setups,
 )
 from qref.strategies.models import SpecError
@@ -84,7 +84,7 @@ def test_batchnorm_state_is_nontrivial(spec):
 def test_ops_tier_is_one_quantizable_op(spec):
     assert len(spec.layers) in (1, 2)
     assert isinstance(spec.layers[0], (Conv, Linear))
-    assert spec.layers[1:] in ((), (Act("relu"),))
+    assert all(isinstance(layer, Act) for layer in spec.layers[1:])
 
 
 @FAST
@@ -93,11 +93,12 @@ def test_patterns_tier_is_one_pattern(spec):
     kinds = {type(l) for l in spec.layers}
     # the longest pattern: conv, act, a pool that keeps the features few, flatten, linear, act
     assert len(_weighted(spec)) <= 4 and len(spec.layers) <= 6
-    assert kinds & {Conv, Linear, Residual, Cat}
+    assert kinds & {Conv, Linear, Residual, Cat, MatMul}
 
 
 @pytest.mark.parametrize("kind,wanted", [("conv_bn", BatchNorm), ("add", Residual), ("cat", Cat),
-                                          ("pool", Pool), ("linear_act", Linear)])
+                                          ("pool", Pool), ("linear_act", Linear), ("linear_bn", BatchNorm),
+                                          ("matmul", MatMul)])
 def test_patterns_tier_reaches_every_kind(kind, wanted):
     seen = []
 
@@ -120,18 +121,22 @@ def test_models_tier_reaches_branches_and_depth():
 
     collect()
     assert any(len(_weighted(s)) >= 4 for s in seen)
-    for op in ("add", "cat", "bn", "pool", "flatten", "conv1d", "conv2d", "conv_transpose", "linear"):
+    for op in ("add", "cat", "bn", "pool", "flatten", "conv1d", "conv2d", "conv_transpose", "linear",
+               "sigmoid", "tanh", "matmul"):
         assert any(op in s.ops for s in seen), op
     assert any(len({"add", "cat", "bn"} & s.ops) >= 2 for s in seen)
     assert any(isinstance(l, Conv) and l.groups == l.in_channels > 1 for s in seen for l in s.all_layers())
     assert any(isinstance(l, Conv) and 1 < l.groups < l.in_channels for s in seen for l in s.all_layers())
     assert any(isinstance(l, BatchNorm) and l.zero_gamma for s in seen for l in s.all_layers())
+    assert any(isinstance(a, Linear) and isinstance(b, BatchNorm) for s in seen for a, b in zip(s.layers, s.layers[1:]))
 
 
+# derandomize: how far the shrinker gets is a heuristic that varies run to run (a depthwise
+# conv now and then stays depthwise), so these check one repeatable exploration.
 def test_shrinks_to_a_one_layer_transpose_conv():
     spec = find(model_specs(tier="models"),
                 lambda s: any(isinstance(l, Conv) and l.transpose for l in s.all_layers()),
-                settings=settings(max_examples=500, database=None))
+                settings=settings(max_examples=500, database=None, derandomize=True))
     assert len(spec.layers) == 1 and spec.layers[0].transpose
     assert spec.layers[0].kernel_size == 1 and spec.layers[0].groups == 1
 
@@ -139,7 +144,7 @@ def test_shrinks_to_a_one_layer_transpose_conv():
 def test_shrinks_to_conv_bn():
     spec = find(model_specs(tier="models"),
                 lambda s: any(isinstance(l, BatchNorm) for l in s.all_layers()),
-                settings=settings(max_examples=500, database=None))
+                settings=settings(max_examples=500, database=None, derandomize=True))
     assert [type(l) for l in spec.layers] == [Conv, BatchNorm]
     bn = spec.layers[1]
     assert (bn.eps, bn.momentum, bn.zero_gamma) == (1e-5, 0.1, ())  # the simplest choices
@@ -163,6 +168,19 @@ def test_malformed_specs_are_rejected():
         ModelSpec((1, 3, 4, 4), (Conv(4, 4),))
     with pytest.raises(SpecError):
         ModelSpec((1, 3, 4, 4), (Residual((Conv(3, 5),)),))
+    with pytest.raises(SpecError):  # (1, 5, 4, 4) @ (1, 3, 4, 4)^T: the batch dims differ
+        ModelSpec((1, 3, 4, 4), (MatMul((Conv(3, 5),), ()),))
+    with pytest.raises(SpecError):  # a matrix product needs matrices: (N, C) is not batched matrices
+        ModelSpec((2, 3), (MatMul(),))
+
+
+def test_matmul_spec_shapes_and_source():
+    spec = ModelSpec((2, 4, 6), (MatMul((Conv(4, 4, dim=1),), ()),))
+    assert spec.output_shape == (2, 4, 4) and spec.ops == {"conv1d", "matmul"}
+    x = torch.ones(spec.input_shape)
+    model = spec.build().eval()
+    conv = model.conv0  # the left branch; the right one is the identity
+    assert torch.equal(model(x), torch.matmul(conv(x), x.transpose(-1, -2)))
 
 
 # ---------------------------------------------------------------------------- setups

@@ -166,6 +166,30 @@ def check_nondeterministic_scale(w: Pt2eWitness):
     assert not _same(_run(w.theirs, batches), _run(again, batches))
 
 
+def check_fixed_qparams_recomputed(w: Pt2eWitness):
+    def sigmoid_tanh_scales(gm):
+        return [schema_arguments(q)["scale"] for q in activation_quantizes(gm)
+                if is_call(q.args[0], (torch.ops.aten.sigmoid.default, torch.ops.aten.tanh.default))]
+
+    ours, theirs = sigmoid_tanh_scales(w.ours), sigmoid_tanh_scales(w.theirs)
+    assert sorted(ours) == [1 / 256, 2 / 256]  # the witness quantizes one sigmoid and one tanh
+    assert theirs == [s * 256 / 255 for s in ours]
+    assert w.outputs_differ()
+    assert w.same_elsewhere("conv_bn_relu")
+
+
+def check_second_input_reads_first_qparams(w: Pt2eWitness):
+    def binary_inputs(gm):
+        return [[(schema_arguments(a)["scale"], schema_arguments(a)["zero_point"]) for a in n.args[:2]]
+                for n in gm.graph.nodes if n.target == torch.ops.aten.add.Tensor]
+
+    ours, theirs = binary_inputs(w.ours), binary_inputs(w.theirs)
+    assert ours and all(a != b for a, b in ours), "the witness's add inputs have their own qparams"
+    assert theirs == [[a, a] for a, _ in ours]
+    assert w.outputs_differ()
+    assert w.same_elsewhere("conv_bn_relu")
+
+
 def check_per_channel_scales_reversed(w: Pt2eWitness):
     pairs = list(zip(_weight_scales(w.ours), _weight_scales(w.theirs), strict=True))
     assert pairs and all(torch.equal(b, a.flip(0)) for a, b in pairs)
@@ -326,6 +350,16 @@ def check_backend_config_ignored(w: FxWitness):
     assert type(theirs.fc) is torch.ao.nn.quantized.Linear
 
 
+def check_fixed_qparams_requantized(w: FxWitness):
+    ours, theirs = w.both()
+    a, b = _run(ours, w.batches()), _run(theirs, w.batches())
+    assert not _same(a, b)
+    retargeted = [n.target.__name__ for n in theirs.graph.nodes if n.op == "call_function"
+                  and n.target in (torch.sigmoid, torch.tanh) or "_for_range" in getattr(n.target, "__name__", "")]
+    assert retargeted == ["_sigmoid_for_range", "_tanh_for_range"]
+    assert [n.name for n in theirs.graph.nodes] == [n.name for n in ours.graph.nodes]
+
+
 def check_bn_eps_default(w: FxWitness):
     model = w.prepared()
     eps = [m.eps for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -361,6 +395,9 @@ PLANTED = {
     "preserved_attributes_dropped": check_preserved_attributes_dropped,
     "backend_config_ignored": check_backend_config_ignored,
     "bn_eps_default": check_bn_eps_default,
+    "fixed_qparams_recomputed": check_fixed_qparams_recomputed,
+    "second_input_reads_first_qparams": check_second_input_reads_first_qparams,
+    "fixed_qparams_requantized": check_fixed_qparams_requantized,
 }
 
 

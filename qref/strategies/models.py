@@ -2,8 +2,9 @@
 
 A spec is a frozen dataclass tree: an input shape, a tuple of layers and a seed.  Layers are
 ``Conv`` (1d/2d, transposed, grouped/depthwise), ``BatchNorm``, ``Linear``, ``Act``
-(relu / relu6 / hardtanh), ``Pool`` (max / avg), ``Flatten``, ``Residual`` (``x + body(x)``)
-and ``Cat`` (two branches concatenated along channels).
+(relu / relu6 / hardtanh, and sigmoid / tanh whose outputs have fixed qparams), ``Pool`` (max / avg), ``Flatten``, ``Residual`` (``x + body(x)``)
+``Cat`` (two branches concatenated along channels) and ``MatMul`` (two branches multiplied as
+matrices).
 
 * ``repr(spec)`` is Python that rebuilds the spec (``from qref.strategies.models import *``).
 * ``spec.to_python()`` is standalone PyTorch source (``class Model``, ``init_parameters``,
@@ -27,17 +28,20 @@ from typing import Iterable
 from hypothesis import strategies as st
 
 __all__ = [
-    "Conv", "BatchNorm", "Linear", "Act", "Pool", "Flatten", "Residual", "Cat", "ModelSpec",
-    "model_specs", "conv_bn_specs", "TIERS", "PATTERN_KINDS",
+    "Conv", "BatchNorm", "Linear", "Act", "Pool", "Flatten", "Residual", "Cat", "MatMul", "ModelSpec",
+    "model_specs", "conv_bn_specs", "fixed_qparams_specs", "TIERS", "PATTERN_KINDS",
 ]
 
 TIERS = ("ops", "patterns", "models")
 # Block kinds the "patterns" and "models" tiers draw (``kinds=`` narrows them).
-PATTERN_KINDS = ("conv", "conv_bn", "linear_act", "add", "cat", "pool", "flatten_linear")
+PATTERN_KINDS = ("conv", "conv_bn", "linear_act", "linear_bn", "add", "cat", "matmul", "pool", "flatten_linear")
 
 MAX_CHANNELS = 8
 MAX_SIDE = 12  # spatial sizes never exceed this (transposed convs grow them)
 MAX_FEATURES = 64  # flatten -> linear
+# Activation kinds and their modules, simplest first (failures shrink towards relu).
+_ACTIVATIONS = {"relu": "nn.ReLU()", "relu6": "nn.ReLU6()", "hardtanh": "nn.Hardtanh(-1.0, 1.0)",
+                "sigmoid": "nn.Sigmoid()", "tanh": "nn.Tanh()"}
 
 
 class _Node:
@@ -93,7 +97,8 @@ class Linear(_Node):
 
 @dataclass(frozen=True, repr=False)
 class Act(_Node):
-    """``relu`` (nn.ReLU), ``relu6`` (nn.ReLU6 = hardtanh(0, 6)), ``hardtanh`` (nn.Hardtanh(-1, 1))."""
+    """``relu`` (nn.ReLU), ``relu6`` (nn.ReLU6 = hardtanh(0, 6)), ``hardtanh`` (nn.Hardtanh(-1, 1)),
+    ``sigmoid`` and ``tanh`` (quantizers give their outputs fixed qparams)."""
 
     kind: str = "relu"
 
@@ -121,6 +126,15 @@ class Residual(_Node):
 @dataclass(frozen=True, repr=False)
 class Cat(_Node):
     """``torch.cat([left(x), right(x)], dim=1)``; an empty branch is the identity."""
+
+    left: tuple = ()
+    right: tuple = ()
+
+
+@dataclass(frozen=True, repr=False)
+class MatMul(_Node):
+    """``torch.matmul(left(x), right(x).transpose(-1, -2))``: a product of two activations (no
+    weight), batched over all but the last two dims; an empty branch is the identity."""
 
     left: tuple = ()
     right: tuple = ()
@@ -167,7 +181,7 @@ def propagate(layers: Iterable, shape: tuple) -> tuple:
                 raise SpecError(f"{layer!r} on shape {shape}")
             shape = (n, layer.out_features)
         elif isinstance(layer, Act):
-            if layer.kind not in ("relu", "relu6", "hardtanh"):
+            if layer.kind not in _ACTIVATIONS:
                 raise SpecError(f"unknown activation {layer.kind!r}")
         elif isinstance(layer, Pool):
             if len(spatial) != layer.dim:
@@ -186,6 +200,11 @@ def propagate(layers: Iterable, shape: tuple) -> tuple:
             if len(a) < 2 or a[:1] + a[2:] != b[:1] + b[2:]:
                 raise SpecError(f"cat branches disagree: {a} vs {b}")
             shape = (n, a[1] + b[1], *a[2:])
+        elif isinstance(layer, MatMul):
+            a, b = propagate(layer.left, shape), propagate(layer.right, shape)
+            if len(a) < 3 or a[:-2] != b[:-2] or a[-1] != b[-1]:
+                raise SpecError(f"matmul branches do not multiply: {a} @ {b}^T")
+            shape = (*a[:-1], b[-2])
         else:
             raise SpecError(f"unknown layer {layer!r}")
     return shape
@@ -196,7 +215,7 @@ def _walk(layers):
         yield layer
         if isinstance(layer, Residual):
             yield from _walk(layer.body)
-        elif isinstance(layer, Cat):
+        elif isinstance(layer, (Cat, MatMul)):
             yield from _walk(layer.left)
             yield from _walk(layer.right)
 
@@ -207,7 +226,7 @@ def _sequences(layers):
     for layer in layers:
         if isinstance(layer, Residual):
             yield from _sequences(layer.body)
-        elif isinstance(layer, Cat):
+        elif isinstance(layer, (Cat, MatMul)):
             yield from _sequences(layer.left)
             yield from _sequences(layer.right)
 
@@ -262,7 +281,7 @@ def _ctor(layer) -> str:
     if isinstance(layer, Linear):
         return f"nn.Linear({layer.in_features}, {layer.out_features}" + ("" if layer.bias else ", bias=False") + ")"
     if isinstance(layer, Act):
-        return {"relu": "nn.ReLU()", "relu6": "nn.ReLU6()", "hardtanh": "nn.Hardtanh(-1.0, 1.0)"}[layer.kind]
+        return _ACTIVATIONS[layer.kind]
     if isinstance(layer, Pool):
         cls = f"nn.MaxPool{layer.dim}d" if layer.kind == "max" else f"nn.AvgPool{layer.dim}d"
         return f"{cls}({layer.kernel_size}, stride={layer.stride})"
@@ -304,6 +323,12 @@ class _Emitter:
                 b = self.emit(layer.right, x, prefix)
                 out = self.var("x")
                 self.forward_lines.append(f"{out} = torch.cat([{a}, {b}], dim=1)")
+                x = out
+            elif isinstance(layer, MatMul):
+                a = self.emit(layer.left, x, prefix)
+                b = self.emit(layer.right, x, prefix)
+                out = self.var("x")
+                self.forward_lines.append(f"{out} = torch.matmul({a}, {b}.transpose(-1, -2))")
                 x = out
             else:
                 name = self.name(layer, prefix)
@@ -358,6 +383,8 @@ class ModelSpec(_Node):
                 ops.add("add")
             elif isinstance(layer, Cat):
                 ops.add("cat")
+            elif isinstance(layer, MatMul):
+                ops.add("matmul")
         return frozenset(ops)
 
     def conv_bn_pairs(self) -> list:
@@ -512,7 +539,7 @@ def _bn_ok(shape: tuple) -> bool:
 
 
 def _act():
-    return st.sampled_from(["relu", "relu6", "hardtanh"]).map(Act)
+    return st.sampled_from(list(_ACTIVATIONS)).map(Act)
 
 
 def _maybe_act(draw, label: str = "activation") -> list:
@@ -542,10 +569,11 @@ def _block(draw, kind: str, shape: tuple, ctx: _Ctx) -> list:
         if kind == "conv_bn" and _bn_ok(out) and _bn_allowed(ctx, conv):
             layers.append(draw(_bn(conv.out_channels, len(spatial), ctx), label="bn"))
         return layers + _maybe_act(draw)
-    if kind == "linear_act" and not spatial:
+    if kind in ("linear_act", "linear_bn") and not spatial:
         lin = Linear(shape[1], draw(st.integers(1, 16), label="out_features"),
                      draw(st.sampled_from([True, False]), label="bias"))
-        return [lin] + _maybe_act(draw)
+        bn = [draw(_bn(lin.out_features, 1, ctx), label="bn")] if kind == "linear_bn" and _bn_ok(shape) else []
+        return [lin, *bn] + _maybe_act(draw)
     if kind == "add" and spatial:
         conv = draw(_conv(shape, ctx, keep_shape=True, transpose=False), label="residual conv")
         body = [conv]
@@ -567,6 +595,16 @@ def _block(draw, kind: str, shape: tuple, ctx: _Ctx) -> list:
         if propagate(layers, shape)[1] > MAX_CHANNELS:  # squeeze back with a 1x1 conv
             layers.append(Conv(propagate(layers, shape)[1], MAX_CHANNELS // 2, dim=len(spatial)))
         return layers
+    if kind == "matmul" and spatial:
+        def branch(label):  # keeps the shape, so the branches always multiply
+            if draw(st.booleans(), label=f"{label} is identity"):
+                return ()
+            conv = draw(_conv(shape, ctx, keep_shape=True, transpose=False), label=label)
+            return (conv, *_maybe_act(draw, f"{label} activation"))
+        layers = [MatMul(branch("left branch"), branch("right branch"))]
+        if propagate(layers, shape)[-1] > MAX_SIDE:
+            return []
+        return layers + _maybe_act(draw, "activation after matmul")
     if kind == "pool" and spatial:
         options = [Pool(kind, k, s, len(spatial)) for kind in ("max", "avg")
                    for k, s in ((2, 2), (2, 1), (3, 2), (3, 1)) if min(spatial) >= k]
@@ -599,7 +637,7 @@ def _seeds():
 
 
 @st.composite
-def _ops_spec(draw, ctx: _Ctx, kinds) -> ModelSpec:
+def _ops_spec(draw, ctx: _Ctx, kinds, fixed_qparams: bool = False) -> ModelSpec:
     allowed = [k for k in ("conv", "linear") if kinds is None or k in kinds or
                (k == "linear" and "linear_act" in kinds)] or ["conv", "linear"]
     kind = draw(st.sampled_from(allowed), label="op")
@@ -610,24 +648,25 @@ def _ops_spec(draw, ctx: _Ctx, kinds) -> ModelSpec:
         shape = draw(_input_shape(rank=0), label="input shape")
         layers = [Linear(shape[1], draw(st.integers(1, 16), label="out_features"),
                          draw(st.sampled_from([True, False]), label="bias"))]
-    if draw(st.booleans(), label="relu?"):
-        layers.append(Act("relu"))
+    if fixed_qparams:
+        layers.append(Act(draw(st.sampled_from(["sigmoid", "tanh"]), label="fixed-qparams activation")))
+    else:
+        layers += _maybe_act(draw)
     return ModelSpec(shape, tuple(layers), draw(_seeds(), label="seed"))
-
-
-_PATTERN_RANK = {"linear_act": 0}
 
 
 @st.composite
 def _pattern_spec(draw, ctx: _Ctx, kinds) -> ModelSpec:
     kinds = [k for k in PATTERN_KINDS if k != "conv" and (kinds is None or k in kinds)] or ["conv_bn"]
     kind = draw(st.sampled_from(kinds), label="pattern")
-    if kind == "linear_act":
+    if kind in ("linear_act", "linear_bn"):
         shape = draw(_input_shape(rank=0), label="input shape")
+        if kind == "linear_bn":
+            shape = (2, *shape[1:])  # train-mode BatchNorm1d needs two rows
     else:
         shape = draw(_input_shape(rank=draw(st.sampled_from([2, 1]), label="dim")), label="input shape")
     layers: list = []
-    if kind in ("pool", "flatten_linear"):  # quantized input first: a conv (+relu)
+    if kind in ("pool", "flatten_linear", "matmul"):  # quantized input first: a conv (+relu)
         layers = draw(_block("conv", shape, ctx), label="conv before")
     if kind == "flatten_linear" and math.prod(propagate(layers, shape)[1:]) > MAX_FEATURES:
         if min(propagate(layers, shape)[2:]) >= 2:
@@ -643,8 +682,8 @@ def _pattern_spec(draw, ctx: _Ctx, kinds) -> ModelSpec:
 def _models_spec(draw, ctx: _Ctx, kinds, max_blocks: int) -> ModelSpec:
     kinds = [k for k in PATTERN_KINDS if kinds is None or k in kinds] or list(PATTERN_KINDS)
     shape = draw(_input_shape(), label="input shape")
-    first = "linear_act" if len(shape) == 2 else draw(
-        st.sampled_from([k for k in ("conv", "conv_bn") if k in kinds] or ["conv"]), label="first block kind")
+    firsts = ("linear_act", "linear_bn") if len(shape) == 2 else ("conv", "conv_bn")
+    first = draw(st.sampled_from([k for k in firsts if k in kinds] or firsts[:1]), label="first block kind")
     layers = list(draw(_block(first, shape, ctx), label="first block"))
     more = draw(st.lists(st.sampled_from(kinds), max_size=max_blocks - 1), label="blocks")
     for kind in more:
@@ -657,10 +696,11 @@ def model_specs(flow: str = "pt2e", tier: str = "models", qat: bool = False, kin
                 max_blocks: int = 5) -> st.SearchStrategy[ModelSpec]:
     """Specs of small networks every ``flow`` can export/trace and ``qat`` can train.
 
-    * ``"ops"``: one conv (1d/2d, maybe transposed/grouped/depthwise) or linear, maybe + relu.
+    * ``"ops"``: one conv (1d/2d, maybe transposed/grouped/depthwise) or linear, maybe + an
+      activation (relu ... sigmoid/tanh, whose fixed-qparams kernels count as ops too).
     * ``"patterns"``: one pattern of ``kinds`` (default all of :data:`PATTERN_KINDS` but
-      ``conv``): conv-bn(-act), linear(-act), residual add (-act), cat of two branches,
-      conv then pool, conv then flatten-linear.
+      ``conv``): conv-bn(-act), linear(-act), linear-bn(-act), residual add (-act), cat of two
+      branches, matmul of two branches (-act), conv then pool, conv then flatten-linear.
     * ``"models"``: a first weighted block then up to ``max_blocks - 1`` blocks of ``kinds``.
     """
     if flow not in ("pt2e", "fx"):
@@ -673,6 +713,12 @@ def model_specs(flow: str = "pt2e", tier: str = "models", qat: bool = False, kin
     if tier == "models":
         return _models_spec(ctx, kinds, max_blocks)
     raise ValueError(f"tier must be one of {TIERS}, not {tier!r}")
+
+
+def fixed_qparams_specs(flow: str = "pt2e", qat: bool = False) -> st.SearchStrategy[ModelSpec]:
+    """One conv or linear followed by sigmoid or tanh, whose output qparams are fixed by the
+    quantizer (not observed): the ops tier with that activation always present."""
+    return _ops_spec(_Ctx(flow, bool(qat)), None, fixed_qparams=True)
 
 
 @st.composite

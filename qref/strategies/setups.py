@@ -101,9 +101,9 @@ class QuantSetup:
             if self.per_channel and any(type(layer).__name__ == "Conv" and layer.transpose and layer.groups > 1
                                         for layer in spec.all_layers()):
                 return False  # per-channel observers size a grouped ConvTranspose's scales wrongly
-            if self.kind == "x86":  # X86InductorQuantizer annotates conv2d and linear
+            if self.kind == "x86":  # X86InductorQuantizer annotates conv2d and linear (not matmul)
                 return bool(ops & {"conv2d", "linear"})
-            return bool(ops & {"conv1d", "conv2d", "conv_transpose", "linear"})
+            return bool(ops & {"conv1d", "conv2d", "conv_transpose", "linear", "matmul"})
         if self.engine == "onednn" and "conv_transpose" in ops:
             return False  # onednn: prepare_fx rejects per-channel ConvTranspose
         for conv, _bn in spec.conv_bn_pairs():

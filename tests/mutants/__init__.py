@@ -70,6 +70,14 @@ _ALL = [
           "every second call nudges one activation scale by 2**-6 (qparams picked by "
           "set-iteration order / unstable tie-breaking)",
           ("linear", "qref_int8_sym", False), "test_deterministic"),
+    _pt2e("fixed_qparams_recomputed", "fixed-qparams",
+          "sigmoid/tanh outputs quantized with a min/max observer's scale for their range "
+          "(range / 255) instead of the quantizer's fixed qparams (range / 256)",
+          ("sigmoid_tanh", "qref_int8_sym", False)),
+    _pt2e("second_input_reads_first_qparams", "multi-input-qparams",
+          "a two-input op (add, matmul) dequantizes its second input with its first input's "
+          "scale and zero point (a lowering that reads one input's qparams for both)",
+          ("residual_add", "qref_int8_sym", False)),
     # --- pt2e: weights and biases -------------------------------------------------------------
     _pt2e("per_channel_scales_reversed", "per-channel-axis",
           "per-channel weight scales applied in reversed channel order (scales indexed "
@@ -140,6 +148,10 @@ _ALL = [
     _fx("bn_eps_default", "bn-eps",
         "QAT conv-bn fold uses BatchNorm's default eps 1e-5 instead of the module's eps",
         ("conv_bn_relu", "fbgemm", True), FOLDING),
+    _fx("fixed_qparams_requantized", "fx-fixed-qparams",
+        "lowered sigmoid/tanh outputs requantized to a min/max observer's scale for their range "
+        "(range / 255) instead of their fixed qparams (range / 256)",
+        ("sigmoid_tanh", "fbgemm", False), EQUIVALENCE),
 ]
 
 MUTANTS: dict[str, Mutant] = {m.name: m for m in _ALL}

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 import qref
+from qref.fx.weighted import set_module
 
 
 def output_scale_off(model, convert_custom_config=None, _remove_qconfig=True, qconfig_mapping=None,
@@ -68,3 +70,44 @@ def bn_eps_default(model, convert_custom_config=None, _remove_qconfig=True, qcon
         if isinstance(bn, nn.modules.batchnorm._BatchNorm):
             bn.eps = 1e-5
     return qref.convert_fx(model, convert_custom_config, _remove_qconfig, qconfig_mapping, backend_config)
+
+
+def _requantized_for_range(x):
+    """``x`` requantized with the scale a min/max observer gives its range (range / 255)."""
+    if not x.is_quantized:
+        return x
+    return torch.quantize_per_tensor(x.dequantize(), x.q_scale() * 256 / 255, x.q_zero_point(), x.dtype)
+
+
+def _sigmoid_for_range(x):
+    return _requantized_for_range(torch.sigmoid(x))
+
+
+def _tanh_for_range(x):
+    return _requantized_for_range(torch.tanh(x))
+
+
+class _ForRange(nn.Module):
+    def __init__(self, activation: nn.Module) -> None:
+        super().__init__()
+        self.activation = activation
+
+    def forward(self, x):
+        return _requantized_for_range(self.activation(x))
+
+
+def fixed_qparams_requantized(model, convert_custom_config=None, _remove_qconfig=True, qconfig_mapping=None,
+                              backend_config=None):
+    """Lowered sigmoid/tanh outputs are requantized to a min/max scale (range/255), not kept fixed."""
+    converted = qref.convert_fx(model, convert_custom_config, _remove_qconfig, qconfig_mapping,
+                                backend_config)
+    # the nodes keep their names and places: only the numbers differ from qref's
+    for node in converted.graph.nodes:
+        if node.op == "call_module":
+            module = converted.get_submodule(node.target)
+            if isinstance(module, (nn.Sigmoid, nn.Tanh)):
+                set_module(converted, node.target, _ForRange(module))
+        elif node.op == "call_function" and node.target in (torch.sigmoid, torch.tanh):
+            node.target = _sigmoid_for_range if node.target is torch.sigmoid else _tanh_for_range
+    converted.recompile()
+    return converted

@@ -111,6 +111,36 @@ def nondeterministic_scale(model, use_reference_representation=False, fold_quant
     return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
 
 
+_FIXED_QPARAMS_OPS = (torch.ops.aten.sigmoid.default, torch.ops.aten.tanh.default)
+
+
+def fixed_qparams_recomputed(model, use_reference_representation=False, fold_quantize=True):
+    """sigmoid/tanh outputs get a min/max scale for their range (range/255), not their fixed qparams."""
+
+    def edit(gm):
+        for q in activation_quantizes(gm):
+            if is_call(q.args[0], _FIXED_QPARAMS_OPS):
+                scale = schema_arguments(q)["scale"] * 256 / 255
+                for node in [q, *dequantizes_of(q)]:
+                    set_args(node, scale=scale)
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+def second_input_reads_first_qparams(model, use_reference_representation=False, fold_quantize=True):
+    """A two-input op (add, matmul) dequantizes its second input with its first input's qparams."""
+
+    def edit(gm):
+        quantizes = set(activation_quantizes(gm))
+        for node in gm.graph.nodes:
+            inputs = node.args[:2] if node.op == "call_function" else ()
+            if len(inputs) == 2 and all(is_call(a, DEQUANTIZE) and a.args[0] in quantizes for a in inputs):
+                first = schema_arguments(inputs[0])
+                set_args(inputs[1], scale=first["scale"], zero_point=first["zero_point"])
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
 # --- weights and biases -------------------------------------------------------------------------
 
 
