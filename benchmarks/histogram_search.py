@@ -13,9 +13,9 @@ bit-identical; it exits non-zero if any differ, so it doubles as a check.
     python benchmarks/histogram_search.py            # 10 distributions x 32K / 1.2M / 9.6M
     python benchmarks/histogram_search.py --quick    # 6 distributions x 32K / 1.2M
 
-Each time is the best of --repeat runs; building the histograms is not timed. torchao's
-search works on 2048-element tensors (below torch's parallel threshold), qref's on batches of
-ranges x 2048, so qref's times alone depend on --threads and on other load on the machine.
+Each time is the best of --repeat runs; building the histograms is not timed. Both searches
+work on tensors below torch's intra-op parallel threshold (torchao's 2048 elements, qref's
+batches of candidate ranges x 2048 under 32768), so other load on the machine slows both alike.
 """
 
 from __future__ import annotations
@@ -131,9 +131,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="6 distributions, 32K and 1.2M elements")
     parser.add_argument("--repeat", type=int, default=1, help="runs per search (best is kept)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (default: torch's); qref's batched errors (ranges x 2048) can run "
-                             "in parallel, which costs ms per op when another process holds a core")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -122,7 +122,7 @@ def test_models_tier_reaches_branches_and_depth():
     collect()
     assert any(len(_weighted(s)) >= 4 for s in seen)
     for op in ("add", "cat", "bn", "pool", "flatten", "conv1d", "conv2d", "conv_transpose", "linear",
-               "sigmoid", "tanh", "matmul"):
+               "sigmoid", "tanh", "hardsigmoid", "matmul"):
         assert any(op in s.ops for s in seen), op
     assert any(len({"add", "cat", "bn"} & s.ops) >= 2 for s in seen)
     assert any(isinstance(l, Conv) and l.groups == l.in_channels > 1 for s in seen for l in s.all_layers())

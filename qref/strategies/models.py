@@ -2,7 +2,8 @@
 
 A spec is a frozen dataclass tree: an input shape, a tuple of layers and a seed.  Layers are
 ``Conv`` (1d/2d, transposed, grouped/depthwise), ``BatchNorm``, ``Linear``, ``Act``
-(relu / relu6 / hardtanh, and sigmoid / tanh whose outputs have fixed qparams), ``Pool`` (max / avg), ``Flatten``, ``Residual`` (``x + body(x)``)
+(relu / relu6 / hardtanh, and sigmoid / tanh / hardsigmoid whose outputs have fixed qparams),
+``Pool`` (max / avg), ``Flatten``, ``Residual`` (``x + body(x)``),
 ``Cat`` (two branches concatenated along channels) and ``MatMul`` (two branches multiplied as
 matrices).
 
@@ -41,7 +42,7 @@ MAX_SIDE = 12  # spatial sizes never exceed this (transposed convs grow them)
 MAX_FEATURES = 64  # flatten -> linear
 # Activation kinds and their modules, simplest first (failures shrink towards relu).
 _ACTIVATIONS = {"relu": "nn.ReLU()", "relu6": "nn.ReLU6()", "hardtanh": "nn.Hardtanh(-1.0, 1.0)",
-                "sigmoid": "nn.Sigmoid()", "tanh": "nn.Tanh()"}
+                "sigmoid": "nn.Sigmoid()", "tanh": "nn.Tanh()", "hardsigmoid": "nn.Hardsigmoid()"}
 
 
 class _Node:
@@ -98,7 +99,7 @@ class Linear(_Node):
 @dataclass(frozen=True, repr=False)
 class Act(_Node):
     """``relu`` (nn.ReLU), ``relu6`` (nn.ReLU6 = hardtanh(0, 6)), ``hardtanh`` (nn.Hardtanh(-1, 1)),
-    ``sigmoid`` and ``tanh`` (quantizers give their outputs fixed qparams)."""
+    ``sigmoid``, ``tanh`` and ``hardsigmoid`` (quantizers give their outputs fixed qparams)."""
 
     kind: str = "relu"
 
@@ -649,7 +650,8 @@ def _ops_spec(draw, ctx: _Ctx, kinds, fixed_qparams: bool = False) -> ModelSpec:
         layers = [Linear(shape[1], draw(st.integers(1, 16), label="out_features"),
                          draw(st.sampled_from([True, False]), label="bias"))]
     if fixed_qparams:
-        layers.append(Act(draw(st.sampled_from(["sigmoid", "tanh"]), label="fixed-qparams activation")))
+        kinds = ["sigmoid", "tanh", "hardsigmoid"]
+        layers.append(Act(draw(st.sampled_from(kinds), label="fixed-qparams activation")))
     else:
         layers += _maybe_act(draw)
     return ModelSpec(shape, tuple(layers), draw(_seeds(), label="seed"))
@@ -716,8 +718,8 @@ def model_specs(flow: str = "pt2e", tier: str = "models", qat: bool = False, kin
 
 
 def fixed_qparams_specs(flow: str = "pt2e", qat: bool = False) -> st.SearchStrategy[ModelSpec]:
-    """One conv or linear followed by sigmoid or tanh, whose output qparams are fixed by the
-    quantizer (not observed): the ops tier with that activation always present."""
+    """One conv or linear followed by sigmoid, tanh or hardsigmoid, whose output qparams the
+    quantizer fixes (not observed): the ops tier with that activation always present."""
     return _ops_spec(_Ctx(flow, bool(qat)), None, fixed_qparams=True)
 
 

@@ -105,7 +105,7 @@ def fixed_qparams_requantized(model, convert_custom_config=None, _remove_qconfig
     for node in converted.graph.nodes:
         if node.op == "call_module":
             module = converted.get_submodule(node.target)
-            if isinstance(module, (nn.Sigmoid, nn.Tanh)):
+            if isinstance(module, (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid)):
                 set_module(converted, node.target, _ForRange(module))
         elif node.op == "call_function" and node.target in (torch.sigmoid, torch.tanh):
             node.target = _sigmoid_for_range if node.target is torch.sigmoid else _tanh_for_range

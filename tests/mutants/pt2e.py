@@ -111,7 +111,8 @@ def nondeterministic_scale(model, use_reference_representation=False, fold_quant
     return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
 
 
-_FIXED_QPARAMS_OPS = (torch.ops.aten.sigmoid.default, torch.ops.aten.tanh.default)
+_FIXED_QPARAMS_OPS = (torch.ops.aten.sigmoid.default, torch.ops.aten.tanh.default,
+                      torch.ops.aten.hardsigmoid.default)
 
 
 def fixed_qparams_recomputed(model, use_reference_representation=False, fold_quantize=True):
