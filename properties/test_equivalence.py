@@ -19,11 +19,12 @@ import math
 
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import example, given, reject
 from hypothesis import strategies as st
 
 import qref
 from qref.compare import EXACT, Tolerance, compare
+from qref.pt2e.ops import DEQUANTIZE, is_call, schema_arguments
 from qref.strategies import cases, conv_bn_specs, fixed_qparams_specs, model_specs
 
 from ._support import budget, subject  # noqa: F401 (subject: fixture)
@@ -46,7 +47,7 @@ def _inputs_quantized_alike(reference, inputs: tuple) -> list:
     LSB: not a requantization error, so such inputs are left out (never all: zeros agree)."""
     scales = {}
     for node in reference.graph.nodes:
-        if node.op == "call_function" and node.target in _INPUT_QUANTIZE and node.args[0].op == "placeholder":
+        if node.op == "call_function" and node.target in _PER_TENSOR_QUANTIZE and node.args[0].op == "placeholder":
             scales[node.args[0].name] = float(node.args[1])
     placeholders = [n.name for n in reference.graph.nodes if n.op == "placeholder"]
 
@@ -60,7 +61,7 @@ def _inputs_quantized_alike(reference, inputs: tuple) -> list:
     return [args for args in inputs if alike(args)]
 
 
-_INPUT_QUANTIZE = (torch.ops.quantized_decomposed.quantize_per_tensor.default,)
+_PER_TENSOR_QUANTIZE = (torch.ops.quantized_decomposed.quantize_per_tensor.default,)
 
 
 def _pt2e_matches_reference(subject, case, fold_quantize: bool):
@@ -120,8 +121,46 @@ def test_large_tensor_matches_reference(subject, case, fold_quantize):
 @budget("ops")
 @given(case=cases("pt2e", model=fixed_qparams_specs("pt2e")), fold_quantize=st.booleans())
 def test_fixed_qparams_op_matches_reference(subject, case, fold_quantize):
-    """Always a sigmoid or tanh, whose output qparams the quantizer fixes instead of observing."""
+    """Always a sigmoid, tanh or hardsigmoid whose output qparams the quantizer fixes instead of
+    observing (X86InductorQuantizer leaves these ops float: such cases are drawn again)."""
+    nodes = qref.convert_pt2e(case.prepared()).graph.nodes
+    if not any(is_call(n, _PER_TENSOR_QUANTIZE) and is_call(n.args[0], _FIXED_QPARAMS_OPS) for n in nodes):
+        reject()
     _pt2e_matches_reference(subject, case, fold_quantize)
+
+
+_FIXED_QPARAMS_OPS = (torch.ops.aten.sigmoid.default, torch.ops.aten.tanh.default,
+                      torch.ops.aten.hardsigmoid.default)
+
+
+# An add or a matmul of two activations, whose inputs each bring their own qparams.
+_TWO_INPUT_CASES = st.booleans().flatmap(
+    lambda qat: cases("pt2e", qat=qat, model=model_specs("pt2e", "patterns", qat, kinds=("add", "matmul"))))
+
+
+@pytest.mark.qref_flow("pt2e")
+@pytest.mark.qref_tier("patterns")
+@budget("ops")
+@given(case=_TWO_INPUT_CASES, fold_quantize=st.booleans())
+def test_two_input_op_matches_reference(subject, case, fold_quantize):
+    """Always an op with two quantized inputs whose qparams differ (cat is left out: its inputs
+    share qparams; so do inputs that are one tensor, and X86 leaves matmul float)."""
+    if not _has_op_with_two_differently_quantized_inputs(qref.convert_pt2e(case.prepared())):
+        reject()
+    _pt2e_matches_reference(subject, case, fold_quantize)
+
+
+_TWO_INPUT_OPS = (torch.ops.aten.add.Tensor, torch.ops.aten.matmul.default)
+
+
+def _has_op_with_two_differently_quantized_inputs(gm) -> bool:
+    for node in gm.graph.nodes:
+        if is_call(node, _TWO_INPUT_OPS) and all(isinstance(a, torch.fx.Node) and is_call(a, DEQUANTIZE)
+                                                  for a in node.args[:2]):
+            qparams = [(schema_arguments(a)["scale"], schema_arguments(a)["zero_point"]) for a in node.args[:2]]
+            if qparams[0] != qparams[1]:
+                return True
+    return False
 
 
 @pytest.mark.qref_flow("pt2e")
@@ -180,7 +219,7 @@ def test_fx_single_op_matches_reference(subject, case):
 @budget("ops")
 @given(case=cases("fx", model=fixed_qparams_specs("fx")))
 def test_fx_fixed_qparams_op_matches_reference(subject, case):
-    """Always a sigmoid or tanh: lowered to the engine's fixed-qparams kernel."""
+    """Always a sigmoid, tanh or hardsigmoid: lowered to the engine's fixed-qparams kernel."""
     _fx_matches_reference(subject, case)
 
 

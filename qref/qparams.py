@@ -105,7 +105,7 @@ def from_min_max(
 # element for element the observer's own, so the result is identical.
 
 _STEP = 1e-5
-_MAX_BATCH_ELEMENTS = 32767  # below at::internal::GRAIN_SIZE: element-wise ops stay single-threaded
+_MAX_BATCH_ELEMENTS = 32767  # below at::internal::GRAIN_SIZE (32768): the row sums stay single-threaded
 
 
 def _f32(x: float) -> float:
@@ -221,7 +221,7 @@ def histogram_range(
     # Most walks stop within a few candidates: evaluate 4, then batches of up to
     # _MAX_BATCH_ELEMENTS, which run on one thread and never wait for a core another
     # process holds (4-8x slower when they did, on a busy 2-core machine).
-    chunk = 4
+    chunk = min(4, max(1, _MAX_BATCH_ELEMENTS // bins))
     while ranges := list(itertools.islice(walk, chunk)):
         for (new_start, new_end), norm in zip(ranges, norm_of(ranges)):
             if norm > best:

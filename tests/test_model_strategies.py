@@ -97,15 +97,20 @@ def test_patterns_tier_is_one_pattern(spec):
 
 
 @pytest.mark.parametrize("kind,wanted", [("conv_bn", BatchNorm), ("add", Residual), ("cat", Cat),
-                                          ("pool", Pool), ("linear_act", Linear), ("linear_bn", BatchNorm),
-                                          ("matmul", MatMul)])
+                                          ("pool", Pool), ("linear_act", Linear),
+                                          ("linear_bn", (Linear, BatchNorm)), ("matmul", MatMul)])
 def test_patterns_tier_reaches_every_kind(kind, wanted):
     seen = []
+
+    def has(spec) -> bool:
+        if isinstance(wanted, tuple):  # a layer of the second type directly after the first
+            return any(isinstance(a, wanted[0]) and isinstance(b, wanted[1]) for a, b in spec.adjacent())
+        return any(isinstance(l, wanted) for l in spec.all_layers())
 
     @settings(max_examples=30, deadline=None, database=None)
     @given(model_specs(tier="patterns", kinds=[kind]))
     def collect(spec):
-        seen.append(any(isinstance(l, wanted) for l in spec.all_layers()))
+        seen.append(has(spec))
 
     collect()
     assert sum(seen) >= len(seen) // 2
@@ -128,7 +133,7 @@ def test_models_tier_reaches_branches_and_depth():
     assert any(isinstance(l, Conv) and l.groups == l.in_channels > 1 for s in seen for l in s.all_layers())
     assert any(isinstance(l, Conv) and 1 < l.groups < l.in_channels for s in seen for l in s.all_layers())
     assert any(isinstance(l, BatchNorm) and l.zero_gamma for s in seen for l in s.all_layers())
-    assert any(isinstance(a, Linear) and isinstance(b, BatchNorm) for s in seen for a, b in zip(s.layers, s.layers[1:]))
+    assert any(isinstance(a, Linear) and isinstance(b, BatchNorm) for s in seen for a, b in s.adjacent())
 
 
 # derandomize: how far the shrinker gets is a heuristic that varies run to run (a depthwise
@@ -211,6 +216,17 @@ def test_setups_refuse_what_they_do_not_do():
     conv1d = ModelSpec((2, 3, 5), (Conv(3, 4, dim=1),))
     assert not QuantSetup("pt2e", kind="x86").supports(conv1d)
     assert find(quant_setups("pt2e", model=conv1d), lambda s: True).kind == "qref"
+    linear_tanh = ModelSpec((2, 6), (Linear(6, 4), Act("tanh")))  # onednn's LinearTanh fusion
+    assert not QuantSetup("fx", kind="default", engine="onednn").supports(linear_tanh)
+    assert QuantSetup("fx", kind="default", engine="qnnpack", per_channel=False).supports(linear_tanh)
+
+
+@settings(max_examples=20, deadline=None, database=None)
+@given(model_specs("pt2e", "patterns", qat=True, kinds=["linear_bn"]),
+       model_specs("fx", "patterns", qat=True, kinds=["linear_bn"]))
+def test_linear_bn_only_where_conversion_folds_it(pt2e_qat, fx_qat):
+    assert not any(isinstance(b, BatchNorm) for a, b in pt2e_qat.adjacent() if isinstance(a, Linear))
+    assert any(isinstance(b, BatchNorm) for a, b in fx_qat.adjacent() if isinstance(a, Linear))
 
 
 # ---------------------------------------------------------------------------- cases

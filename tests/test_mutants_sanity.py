@@ -87,6 +87,15 @@ def test_pt2e_mutant_accepts_every_flag_combination(name, prepared_cache):
         _run(out, [inputs(model, 0)])
 
 
+@pytest.mark.parametrize("name", [n for n, m in MUTANTS.items() if m.flow == "pt2e"])
+@pytest.mark.parametrize("model", ["sigmoid_tanh", "attention"])
+def test_pt2e_mutant_runs_beyond_its_witness(name, model, prepared_cache):
+    """Pools, flatten, matmul, softmax: a mutant that raises on them would be "killed" by its
+    crash, not by the bug it plants."""
+    out = MUTANTS[name].load()(prepared_cache.get(model, "qref_int8_sym"))
+    _run(out, [inputs(model, 0)])
+
+
 # --- each mutant plants its bug on its witness -----------------------------------------------------
 
 
@@ -351,13 +360,25 @@ def check_backend_config_ignored(w: FxWitness):
 
 
 def check_fixed_qparams_requantized(w: FxWitness):
-    ours, theirs = w.both()
-    a, b = _run(ours, w.batches()), _run(theirs, w.batches())
-    assert not _same(a, b)
+    ours, theirs = w.both()  # the zoo witness calls torch.sigmoid / torch.tanh (functions)
+    assert not _same(_run(ours, w.batches()), _run(theirs, w.batches()))
     retargeted = [n.target.__name__ for n in theirs.graph.nodes if n.op == "call_function"
-                  and n.target in (torch.sigmoid, torch.tanh) or "_for_range" in getattr(n.target, "__name__", "")]
+                  and n.target.__name__.endswith("_for_range")]
     assert retargeted == ["_sigmoid_for_range", "_tanh_for_range"]
     assert [n.name for n in theirs.graph.nodes] == [n.name for n in ours.graph.nodes]
+    # model specs use modules (nn.Sigmoid / nn.Tanh / nn.Hardsigmoid): that path too
+    from qref.strategies.cases import prepare_case
+    from qref.strategies.models import Act, Conv, ModelSpec
+    from qref.strategies.setups import QuantSetup
+
+    setup = QuantSetup("fx", kind="default", engine="fbgemm", reduce_range=True)
+    x = torch.linspace(-3, 3, 150).reshape(2, 3, 5, 5)
+    for kind in ("sigmoid", "tanh", "hardsigmoid"):
+        prepared = prepare_case(ModelSpec((2, 3, 5, 5), (Conv(3, 3), Act(kind))), setup, [(x,)])
+        with qref.use_engine("fbgemm"):
+            a = qref.convert_fx(copy.deepcopy(prepared))(x)
+            b = w.mutant.load()(copy.deepcopy(prepared))(x)
+        assert not torch.equal(a, b), kind
 
 
 def check_bn_eps_default(w: FxWitness):

@@ -152,3 +152,28 @@ def test_fused_fake_quant_trains_with_its_observers_qparams(batch):
     fq(batch)
     scale, zero_point = fq.calculate_qparams()
     assert torch.equal(fq.scale, scale) and torch.equal(fq.zero_point, zero_point.to(fq.zero_point.dtype))
+
+
+@pytest.mark.parametrize("max_batch", [1, 16 * 2048, 10**9])
+def test_histogram_search_result_does_not_depend_on_the_batch_size(max_batch, monkeypatch):
+    """A walk long enough to need several batches: candidates scored one, 16 or all at a time
+    end at the observer's own range (drawn histograms stop within the first 4 candidates)."""
+    from qref import qparams
+
+    obs = ao_obs.HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        obs(torch.randn(300_000, generator=g))
+    scored = []
+    score = qparams._RangeNorm.__call__
+
+    def counting(self, ranges):
+        scored.append(len(ranges))
+        return score(self, ranges)
+
+    monkeypatch.setattr(qparams, "_MAX_BATCH_ELEMENTS", max_batch)
+    monkeypatch.setattr(qparams._RangeNorm, "__call__", counting)
+    lo, hi = qparams.histogram_range(obs.histogram, obs.min_val, obs.max_val, obs.dst_nbins)
+    expected_lo, expected_hi = obs._non_linear_param_search()
+    assert sum(scored) > 4, "the walk must outlast the first batch"
+    assert torch.equal(lo, expected_lo) and torch.equal(hi, expected_hi)

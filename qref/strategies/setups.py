@@ -103,9 +103,12 @@ class QuantSetup:
                 return False  # per-channel observers size a grouped ConvTranspose's scales wrongly
             if self.kind == "x86":  # X86InductorQuantizer annotates conv2d and linear (not matmul)
                 return bool(ops & {"conv2d", "linear"})
-            return bool(ops & {"conv1d", "conv2d", "conv_transpose", "linear", "matmul"})
+            return bool(ops & {"conv1d", "conv2d", "conv_transpose", "linear"})
         if self.engine == "onednn" and "conv_transpose" in ops:
             return False  # onednn: prepare_fx rejects per-channel ConvTranspose
+        if self.engine == "onednn" and any(type(a).__name__ == "Linear" and getattr(b, "kind", None) == "tanh"
+                                           for a, b in spec.adjacent()):
+            return False  # onednn fuses Linear + Tanh, whose two qconfigs (fixed qparams) prepare_fx refuses
         for conv, _bn in spec.conv_bn_pairs():
             if conv.transpose and self.qat:
                 return False  # torch's FX QAT cannot fuse ConvTranspose + BatchNorm

@@ -72,19 +72,22 @@ def bn_eps_default(model, convert_custom_config=None, _remove_qconfig=True, qcon
     return qref.convert_fx(model, convert_custom_config, _remove_qconfig, qconfig_mapping, backend_config)
 
 
-def _requantized_for_range(x):
-    """``x`` requantized with the scale a min/max observer gives its range (range / 255)."""
-    if not x.is_quantized:
-        return x
-    return torch.quantize_per_tensor(x.dequantize(), x.q_scale() * 256 / 255, x.q_zero_point(), x.dtype)
+def _at_range_scale(activation, x):
+    """``activation(x)`` quantized with a min/max observer's scale for its output range
+    (range / 255) instead of the fixed one (range / 256) the quantized kernel uses."""
+    fixed = activation(x)
+    if not fixed.is_quantized:
+        return fixed
+    return torch.quantize_per_tensor(activation(x.dequantize()), fixed.q_scale() * 256 / 255,
+                                     fixed.q_zero_point(), fixed.dtype)
 
 
 def _sigmoid_for_range(x):
-    return _requantized_for_range(torch.sigmoid(x))
+    return _at_range_scale(torch.sigmoid, x)
 
 
 def _tanh_for_range(x):
-    return _requantized_for_range(torch.tanh(x))
+    return _at_range_scale(torch.tanh, x)
 
 
 class _ForRange(nn.Module):
@@ -93,7 +96,7 @@ class _ForRange(nn.Module):
         self.activation = activation
 
     def forward(self, x):
-        return _requantized_for_range(self.activation(x))
+        return _at_range_scale(self.activation, x)
 
 
 def fixed_qparams_requantized(model, convert_custom_config=None, _remove_qconfig=True, qconfig_mapping=None,

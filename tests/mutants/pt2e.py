@@ -128,14 +128,18 @@ def fixed_qparams_recomputed(model, use_reference_representation=False, fold_qua
     return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
 
 
+_TWO_INPUT_OPS = (torch.ops.aten.add.Tensor, torch.ops.aten.matmul.default)
+
+
 def second_input_reads_first_qparams(model, use_reference_representation=False, fold_quantize=True):
     """A two-input op (add, matmul) dequantizes its second input with its first input's qparams."""
 
     def edit(gm):
         quantizes = set(activation_quantizes(gm))
         for node in gm.graph.nodes:
-            inputs = node.args[:2] if node.op == "call_function" else ()
-            if len(inputs) == 2 and all(is_call(a, DEQUANTIZE) and a.args[0] in quantizes for a in inputs):
+            inputs = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+            if (is_call(node, _TWO_INPUT_OPS) and len(inputs) == 2
+                    and all(is_call(a, DEQUANTIZE) and a.args[0] in quantizes for a in inputs)):
                 first = schema_arguments(inputs[0])
                 set_args(inputs[1], scale=first["scale"], zero_point=first["zero_point"])
 
