@@ -115,6 +115,21 @@ ONEDNN_DECONV_CHANNELS = (
 )
 
 
+FBGEMM_DEPTHWISE_INT16 = (
+    "fbgemm's depthwise conv kernel pairs u8 x s8 products in int16 also on AVX512-VNNI CPUs, "
+    "where its dense and grouped convs do not: quantized activations above 127 (inputs beyond "
+    "the calibrated range of a reduce_range model) saturate, seen 24-255 LSB (torch 2.13; pinned "
+    "in tests/test_fx_kernels.py)"
+)
+
+
+def _depthwise_conv(module) -> bool:
+    import torch.ao.nn.quantized as nnq
+
+    convs = (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d)  # the fused ConvReLU modules subclass these
+    return isinstance(module, convs) and module.groups == module.in_channels > 1
+
+
 def _onednn_deconv_channels(module) -> bool:
     import torch.ao.nn.quantized as nnq
 
@@ -161,6 +176,9 @@ def known_deviation(
     if contract.seven_bit_activations and dtype in (torch.quint8, torch.uint8) and too_wide:
         cause = INT16_PAIRS.format(engine=engine)
         return cause + (" (this CPU has no VNNI)" if engine == "onednn" else " (this CPU has no AVX512-VNNI)")
+    if (engine == "fbgemm" and dtype in (torch.quint8, torch.uint8) and too_wide and modules
+            and all(_depthwise_conv(m) for m in modules)):
+        return FBGEMM_DEPTHWISE_INT16
     threads = torch.get_num_threads() if threads is None else threads
     if contract.deterministic_threads is not None and threads > contract.deterministic_threads:
         return ONEDNN_THREADS

@@ -196,3 +196,38 @@ def test_onednn_conv_transpose_with_unequal_channels_is_named(engine):
     assert worst[(3, 3)] <= 1
     if {"avx512_vnni", "amx_int8"} <= _cpu_flags():  # where it was seen
         assert worst[(3, 2)] > 1, "onednn's ConvTranspose no longer deviates here: update ONEDNN_DECONV_CHANNELS"
+
+
+def test_fbgemm_depthwise_conv_saturates_above_127_and_is_named():
+    """Found by the kernel property (default profile, seed 1): fbgemm's depthwise conv leaves the
+    contract with quantized activations above 127 also on AVX512-VNNI CPUs, where its dense and
+    grouped convs hold it; at or below 127 the contract holds."""
+    from qref.engines import FBGEMM_DEPTHWISE_INT16, KERNEL_CONTRACTS
+
+    if "fbgemm" not in engines():
+        pytest.skip("fbgemm is not available here")
+    g = torch.Generator().manual_seed(0)
+    zero_points = torch.zeros(8, dtype=torch.long)
+    worst = {}
+    with use_engine("fbgemm", threads=1):
+        for groups in (8, 1):  # depthwise, then dense
+            w = torch.randn(8, 8 // groups, 3, 3, generator=g)
+            weight = torch.quantize_per_channel(w, w.abs().amax(dim=(1, 2, 3)) / 127, zero_points, 0, torch.qint8)
+            conv = torch.ao.nn.quantized.Conv2d(8, 8, 3, padding=1, groups=groups)
+            conv.set_weight_bias(weight, None)
+            conv.scale, conv.zero_point = 0.02, 64
+            for top in (127, 255):
+                x = torch._make_per_tensor_quantized_tensor(
+                    torch.randint(0, top + 1, (2, 8, 20, 20), generator=g, dtype=torch.uint8), 0.05, 0)
+                exact = torch.nn.functional.conv2d(x.dequantize(), weight.dequantize(), padding=1, groups=groups)
+                expected = torch.clamp(torch.round(exact / 0.02) + 64, 0, 255).int()
+                worst[groups, top] = int((conv(x).int_repr().int() - expected).abs().max())
+            cause = known_deviation("fbgemm", True, input_max=255, modules=[conv])
+            if KERNEL_CONTRACTS["fbgemm"].seven_bit_activations:  # no AVX512-VNNI: every conv
+                assert cause is not None and cause != FBGEMM_DEPTHWISE_INT16
+            else:
+                assert (cause == FBGEMM_DEPTHWISE_INT16) == (groups == 8)
+    print(f"\n[fbgemm depthwise / dense conv, inputs <= 127 / <= 255] {worst}")
+    assert worst[8, 127] <= 1 and worst[8, 255] > 1
+    if not KERNEL_CONTRACTS["fbgemm"].seven_bit_activations:
+        assert worst[1, 255] <= 1, "fbgemm's dense conv saturates here too: the VNNI contract is wrong"
