@@ -642,9 +642,14 @@ def _regridded(expected: QParams | None, got: QParams | None) -> bool:
 
 
 def _on_grid(ints: Tensor, source: QParams, target: QParams) -> Tensor:
-    """Integers of ``source``'s grid, dequantized and rounded onto ``target``'s (int64, unclamped)."""
+    """Integers of ``source``'s grid, dequantized and quantized onto ``target``'s (int64).
+
+    Saturated to ``target``'s range, as its quantize would store them: a lowered hardtanh that
+    keeps its input's wider range (seen: -1 where the reference's zero point is 0) carries
+    values the reference saturates, and the next op's requantization saturates them alike."""
     values = (ints.to(torch.float64) - int(source.zero_point)) * float(source.scale)
-    return torch.round(values / float(target.scale)).to(torch.int64) + int(target.zero_point)
+    on_grid = torch.round(values / float(target.scale)).to(torch.int64) + int(target.zero_point)
+    return on_grid.clamp(target.quant_min, target.quant_max)
 
 
 def _at(tensors: list, batch: int, index: tuple) -> float | None:

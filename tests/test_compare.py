@@ -366,6 +366,18 @@ def test_lowered_module_with_wrong_scale(fbgemm_mlp):
     assert "reference's grid" in result.points["fc2"].note
 
 
+def test_regridded_values_saturate_like_the_reference():
+    """Found by the kernel property (default profile, seed 5, fbgemm and x86): in a QAT cat of
+    relu and hardtanh branches the lowered hardtanh keeps a [-1, 1] grid where the reference's
+    quantize has zero point 0; its -1 is the reference's saturated 0, not 6 LSB off."""
+    from qref.compare import QParams, _on_grid
+
+    wide = QParams(0.647851, 68, None, 0, 255, torch.uint8, "torch")
+    narrow = QParams(0.201143, 0, None, 0, 255, torch.uint8, "torch")
+    ints = torch.tensor([66, 68, 71, 255])  # about -1.3, 0, 1.9 and 121 on the wide grid
+    assert _on_grid(ints, wide, narrow).tolist() == [0, 0, 10, 255]
+
+
 def test_lowered_fbgemm_beyond_calibration_leaves_the_contract_for_a_named_cause(fbgemm_mlp):
     """Ten times the calibrated range: u8 inputs above 127 saturate fbgemm's int16 pair sums
     (on a CPU without AVX512-VNNI; with it fbgemm stays within its contract)."""
