@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from _timing import best_time  # noqa: E402 (benchmarks/, the script's own folder)
+
 from qref._quiet import import_torchao_quietly, silence_noise  # noqa: E402
 
 import_torchao_quietly()
@@ -51,15 +53,6 @@ QUICK_MODELS = [
 ]
 
 
-def _best_time(fn, repeat):
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def _identical(a, b, args_list) -> bool:
     with torch.no_grad():
         return all(torch.equal(a(*args), b(*args)) for args in args_list)
@@ -76,7 +69,7 @@ def compare(name, prepared, args_list, repeat, original=torchao_convert, ours=qr
     for _ in range(repeat):
         elapsed, expected = run_original()
         t_ao = min(t_ao, elapsed)
-    t_qref, got = _best_time(lambda: ours(prepared), repeat)
+    t_qref, got = best_time(lambda: ours(prepared), repeat)
     same = _identical(expected, got, args_list)
     nodes = len(prepared.graph.nodes)
     print(f"{name:<36} {nodes:>6} {t_ao:>10.3f} {t_qref:>10.3f} {t_ao / t_qref:>8.1f}x  {'yes' if same else 'NO'}")

@@ -23,11 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from _timing import best_time  # noqa: E402 (benchmarks/, the script's own folder)
 
 from qref._quiet import import_torchao_quietly, silence_noise  # noqa: E402
 
@@ -103,15 +104,6 @@ def candidates_evaluated(obs, lo, hi):
             if is_result(start, end):
                 break
     return accepted + (next(walk, None) is not None)
-
-
-def best_time(fn, repeat):
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def case(name, n, seed, repeat):

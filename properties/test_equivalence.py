@@ -64,9 +64,13 @@ def _inputs_quantized_alike(reference, inputs: tuple) -> list:
 _PER_TENSOR_QUANTIZE = (torch.ops.quantized_decomposed.quantize_per_tensor.default,)
 
 
-def _pt2e_matches_reference(subject, case, fold_quantize: bool):
+def _pt2e_matches_reference(subject, case, fold_quantize: bool, premise=None):
+    """``premise(reference)``: what the property needs the case to have; a case without it is
+    drawn again (checked on the reference it converts anyway)."""
     subject.drew(fold_quantize=fold_quantize)
     reference = qref.convert_pt2e(case.prepared(), fold_quantize=fold_quantize)
+    if premise is not None and not premise(reference):
+        reject()
     candidate = subject.convert(case, fold_quantize=fold_quantize)
     result = compare(reference, candidate, case.inputs, EXACT)
     subject.record.lsb(result.max_lsb)
@@ -123,10 +127,12 @@ def test_large_tensor_matches_reference(subject, case, fold_quantize):
 def test_fixed_qparams_op_matches_reference(subject, case, fold_quantize):
     """Always a sigmoid, tanh or hardsigmoid whose output qparams the quantizer fixes instead of
     observing (X86InductorQuantizer leaves these ops float: such cases are drawn again)."""
-    nodes = qref.convert_pt2e(case.prepared()).graph.nodes
-    if not any(is_call(n, _PER_TENSOR_QUANTIZE) and is_call(n.args[0], _FIXED_QPARAMS_OPS) for n in nodes):
-        reject()
-    _pt2e_matches_reference(subject, case, fold_quantize)
+    _pt2e_matches_reference(subject, case, fold_quantize, premise=_has_fixed_qparams_output)
+
+
+def _has_fixed_qparams_output(gm) -> bool:
+    return any(is_call(n, _PER_TENSOR_QUANTIZE) and is_call(n.args[0], _FIXED_QPARAMS_OPS)
+               for n in gm.graph.nodes)
 
 
 _FIXED_QPARAMS_OPS = (torch.ops.aten.sigmoid.default, torch.ops.aten.tanh.default,
@@ -145,9 +151,8 @@ _TWO_INPUT_CASES = st.booleans().flatmap(
 def test_two_input_op_matches_reference(subject, case, fold_quantize):
     """Always an op with two quantized inputs whose qparams differ (cat is left out: its inputs
     share qparams; so do inputs that are one tensor, and X86 leaves matmul float)."""
-    if not _has_op_with_two_differently_quantized_inputs(qref.convert_pt2e(case.prepared())):
-        reject()
-    _pt2e_matches_reference(subject, case, fold_quantize)
+    _pt2e_matches_reference(subject, case, fold_quantize,
+                            premise=_has_op_with_two_differently_quantized_inputs)
 
 
 _TWO_INPUT_OPS = (torch.ops.aten.add.Tensor, torch.ops.aten.matmul.default)

@@ -319,17 +319,13 @@ class _Emitter:
                 out = self.var("x")
                 self.forward_lines.append(f"{out} = {x} + {y}")
                 x = out
-            elif isinstance(layer, Cat):
+            elif isinstance(layer, (Cat, MatMul)):
                 a = self.emit(layer.left, x, prefix)
                 b = self.emit(layer.right, x, prefix)
                 out = self.var("x")
-                self.forward_lines.append(f"{out} = torch.cat([{a}, {b}], dim=1)")
-                x = out
-            elif isinstance(layer, MatMul):
-                a = self.emit(layer.left, x, prefix)
-                b = self.emit(layer.right, x, prefix)
-                out = self.var("x")
-                self.forward_lines.append(f"{out} = torch.matmul({a}, {b}.transpose(-1, -2))")
+                joined = (f"torch.cat([{a}, {b}], dim=1)" if isinstance(layer, Cat)
+                          else f"torch.matmul({a}, {b}.transpose(-1, -2))")
+                self.forward_lines.append(f"{out} = {joined}")
                 x = out
             else:
                 name = self.name(layer, prefix)
