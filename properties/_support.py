@@ -4,6 +4,10 @@ A property never calls the converter directly: ``Subject.convert`` turns a conve
 hangs (``--qref-timeout``), returns the wrong type or a model that cannot run into a failure of
 *that* property with a message saying so, and the suite carries on.  A converter that hung once
 fails the rest of that test's examples at once, so shrinking does not wait for it again.
+
+Each example is counted (``qref.tally``): a property calls ``subject.compared()`` (or records an
+LSB error) when it has compared, ``subject.not_compared(cause)`` when the example lacks what it
+checks; one that compared no example is "not exercised", not "passed".
 """
 
 from __future__ import annotations
@@ -30,19 +34,48 @@ def budget(tier: str, **overrides):
 def subject(request, qref_converter, qref_timeout, qref_record):
     """The converter under test behind the suite's guard.  Test modules import this fixture, so
     ``from qref.properties.test_x import *`` brings it along when a project embeds the suite."""
-    return Subject(qref_converter, qref_timeout, qref_record, request.function)
+    marker = request.node.get_closest_marker("qref_max_lsb")  # from an expectations entry
+    override = None if marker is None else (marker.args[0], marker.kwargs.get("reason", "an expectations entry"))
+    return Subject(qref_converter, qref_timeout, qref_record, request.function, override)
 
 
 class Subject:
     """The converter under test, as the properties see it."""
 
-    def __init__(self, converter, timeout, record, prop=None):
+    def __init__(self, converter, timeout, record, prop=None, tolerance_override=None):
         self.converter = converter
         self.timeout = timeout
         self.record = record
         self.prop = prop  # the property (test function), for its reproducer
         self.arguments: dict = {}  # its other drawn arguments (see drew)
         self._hung = None
+        self._override = tolerance_override  # (max_lsb, reason) of an expectations entry
+
+    def compared(self) -> None:
+        """This example was compared: its verdict counts (``qref.tally``)."""
+        from qref import tally
+
+        tally.compared()
+
+    def not_compared(self, cause: str) -> None:
+        """This example is not compared because of ``cause`` (counted, and a Hypothesis event);
+        the property then returns or rejects it."""
+        from hypothesis import event
+
+        from qref import tally
+
+        tally.not_compared(cause)
+        event(cause)
+
+    def tolerance(self, default):
+        """``default`` (a ``qref.compare.Tolerance``), or the ``max_lsb`` of an expectations
+        entry matching this property, with the entry's reason as its cause."""
+        if self._override is None:
+            return default
+        from qref.compare import Tolerance
+
+        lsb, reason = self._override
+        return Tolerance.within(lsb, cause=f"expectations entry: {reason}")
 
     def drew(self, **arguments) -> None:
         """Note the property's drawn arguments besides ``case`` (e.g. ``fold_quantize``), so that
@@ -61,8 +94,18 @@ class Subject:
         if not self.accepts(keyword):
             pytest.skip(f"not exercised: {self.target} does not accept {keyword}=")
 
-    def convert(self, case, model=None, **kwargs):
-        """Convert ``model`` (default: a fresh copy of the case's prepared model) under the guard."""
+    def reference(self, case, model=None, **kwargs):
+        """qref's reference conversion of ``model`` (default: a fresh copy of the case's prepared
+        model), made ready for evaluation exactly as :meth:`convert` makes the candidate."""
+        import qref
+
+        model = case.prepared() if model is None else model
+        convert = qref.convert_pt2e if case.setup.flow == "pt2e" else qref.convert_fx
+        return evaluation_ready(convert(model, **kwargs), case)
+
+    def convert(self, case, model=None, ready=True, **kwargs):
+        """Convert ``model`` (default: a fresh copy of the case's prepared model) under the guard,
+        and (``ready``) make the result ready for inference as its flow documents."""
         from qref.converters import ConverterMisbehaved, call_guarded
 
         if self._hung:
@@ -75,11 +118,18 @@ class Subject:
             if error.kind == "timeout":
                 self._hung = str(error)
             self.fail(case, f"the converter {error.kind}: {error}")
+        if ready:
+            converted = evaluation_ready(converted, case)
         try:
             import torch
 
+            # a trial run, which must not change what later runs compute: the reference it is
+            # compared with has not been run (a model may update buffers when called)
+            buffers = [(b, b.clone()) for b in converted.buffers()]
             with torch.no_grad():
                 converted(*case.inputs[0])
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
         except Exception as error:  # noqa: BLE001 - any failure to run is the converter's
             self.fail(case, cannot_run_message(error))
         return converted
@@ -167,3 +217,16 @@ def cannot_run_message(error: Exception) -> str:
 
 def describe(case) -> str:
     return f"model: {case.spec!r}\nsetup: {case.setup!r}"
+
+
+def evaluation_ready(converted, case):
+    """``converted`` made ready for inference as its flow documents, the same for the candidate and
+    the reference: a pt2e model's train-mode batch norms and dropouts (left by QAT where the
+    quantizer did not fold them) switched to inference, as torchao's QAT flow has users do."""
+    import torch
+
+    if case.setup.flow == "pt2e" and isinstance(converted, torch.fx.GraphModule):
+        from qref.pt2e.eval_mode import move_to_eval
+
+        move_to_eval(converted)
+    return converted

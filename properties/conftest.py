@@ -49,7 +49,9 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     """A plain ``pytest`` run (plugin inert) applies the default expectations, like ``qref check``."""
-    from qref.plugin import _active, expect_failure
+    import importlib.metadata
+
+    from qref.plugin import _active, accept_not_exercised, expect_failure
 
     if _active(config):
         return  # the plugin applies the expectations it was given
@@ -57,11 +59,14 @@ def pytest_collection_modifyitems(config, items):
 
     from qref.expectations import load
 
+    torchao = importlib.metadata.version("torchao")
     entries = [e for e in load(files("qref") / "default_expectations.toml")
-               if e.kind == "xfail" and e.inactive_because(torch.__version__, None) is None]
+               if e.kind in ("xfail", "not-exercised")
+               and e.inactive_because(torch.__version__, None, None, torchao) is None]
+    apply = {"xfail": expect_failure, "not-exercised": accept_not_exercised}
     for item in items:
         name = getattr(item, "originalname", None) or item.name.split("[")[0]
-        for e in entries:
-            if e.matches(item.nodeid, name):
-                expect_failure(item, e)
-                break
+        for kind in apply:
+            found = next((e for e in entries if e.kind == kind and e.matches(item.nodeid, name)), None)
+            if found is not None:
+                apply[kind](item, found)

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import event, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 import qref
@@ -20,7 +20,7 @@ from qref.observers import is_observer
 from qref.pt2e.ops import DEQUANTIZE, QUANTIZE, is_call, real_users
 from qref.strategies import cases, conv_bn_specs, model_specs
 
-from ._support import budget, subject  # noqa: F401 (subject: fixture)
+from ._support import budget, evaluation_ready, subject  # noqa: F401 (subject: fixture)
 
 pytestmark = pytest.mark.qref_family("contract")
 
@@ -33,46 +33,68 @@ ops_tier = pytest.mark.qref_tier("ops")
 
 
 def _snapshot(model):
-    """Everything a converter could change on the model it was given."""
+    """Everything a converter could change on the model it was given: its graph and submodules,
+    and every tensor it holds (parameters, buffers, observer statistics) as the object itself
+    (a converter may write through it after detaching it from the model) with a copy of its value."""
     graph = str(model.graph) if hasattr(model, "graph") else None
-    tensors = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    observers = {name for name, m in model.named_modules() if is_observer(m)}
+    tensors = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if isinstance(value, torch.Tensor):
+            owner = name.rpartition(".")[0]
+            statistic = any(owner == o or owner.startswith(o + ".") for o in observers)
+            tensors[name] = (value, value.detach().clone(), statistic)
     modules = {name: type(m) for name, m in model.named_modules()}
     return graph, tensors, modules
 
 
-def _assert_unchanged(subject, case, before, after):
-    problems = []
-    if before[0] != after[0]:
-        problems.append("its graph was rewritten")
-    if before[2] != after[2]:
-        changed = sorted(set(before[2].items()) ^ set(after[2].items()))[:3]
-        problems.append(f"its submodules changed: {changed}")
-    for name, tensor in before[1].items():
-        now = after[1].get(name)
-        if now is None or now.shape != tensor.shape or not torch.equal(now, tensor):
-            problems.append(f"tensor {name!r} was modified or removed")
-            break
-    if problems:
-        subject.fail(case, "the converter mutated the prepared model it was given: " + "; ".join(problems))
+def _changed_tensors(before) -> tuple[list[str], list[str]]:
+    """(parameters and buffers, observer statistics) whose tensor objects now hold other values."""
+    changed = ([], [])
+    for name, (tensor, value, statistic) in before[1].items():
+        now = tensor.detach()
+        if now.shape != value.shape or not torch.equal(torch.nan_to_num(now), torch.nan_to_num(value)):
+            changed[statistic].append(name)
+    return changed
 
 
 def _prepared_unchanged(subject, case):
     """A converter may consume the prepared model (torchao's convert_pt2e and torch's convert_fx
-    rewrite its graph in place), but it must not silently change a model it leaves looking
-    prepared: same graph, other weights is the dangerous case (a half-converted input)."""
+    rewrite its graph in place), but it must not write into the tensors the prepared model held:
+    they may be shared (pytorch#104593: a fold written through the float model's own weights),
+    and a model left looking prepared with other weights is a half-converted input.  The
+    tensors are compared whether or not the graph was rewritten."""
     model = case.prepared()
     before = _snapshot(model)
     subject.convert(case, model)
     after = _snapshot(model)
-    if before[0] != after[0]:
-        event("the converter consumed the prepared model (graph rewritten in place)")
+    subject.compared()
+    problems = []
+    consumed = before[0] != after[0]
+    if consumed:
         subject.record.note("converts in place: the prepared model's graph is rewritten")
-        return
-    _assert_unchanged(subject, case, before, after)
+    elif before[2] != after[2]:
+        changed = sorted(set(before[2].items()) ^ set(after[2].items()))[:3]
+        problems.append(f"its submodules changed: {changed}")
+    weights, statistics = _changed_tensors(before)
+    if weights:
+        problems.append(f"parameters and buffers changed: {', '.join(weights[:8])}"
+                        + (f" (+{len(weights) - 8} more)" if len(weights) > 8 else ""))
+    if statistics:
+        problems.append(f"observer statistics changed: {', '.join(statistics)}")
+    if not consumed:
+        for name in before[1]:
+            if name not in after[1] or after[1][name][0] is not before[1][name][0]:
+                problems.append(f"tensor {name!r} was replaced or removed")
+                break
+    if problems:
+        subject.fail(case, "the converter mutated the prepared model it was given"
+                           f"{' (its graph was rewritten in place)' if consumed else ''}: " + "; ".join(problems))
 
 
 def _no_observer_left(subject, case):
     converted = subject.convert(case)
+    subject.compared()
     left = [name for name, m in converted.named_modules() if is_observer(m)]
     if left:
         subject.fail(case, f"observers / fake-quantizers left in the converted model: {left}")
@@ -86,6 +108,7 @@ def _deterministic(subject, case, run_under):
         for model in (first, second):
             with torch.no_grad():
                 outputs.append([model(*batch) for batch in case.inputs])
+    subject.compared()
     for i, (a, b) in enumerate(zip(*outputs)):
         a, b = (t.dequantize() if t.is_quantized else t for t in (a, b))
         if not torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)):
@@ -155,6 +178,48 @@ def test_fx_deterministic(subject, case):
     _deterministic(subject, case, lambda: qref.use_engine(case.setup.engine, threads=1))
 
 
+def _outputs_independent_of_history(subject, case):
+    """A converted model computes a function of its input: running it again on the same inputs
+    gives the same outputs.  One that updates state on every call (a train-mode batch norm left
+    by QAT, an observer left in) makes every verdict depend on how often it was called.  Checked
+    on the model made ready for inference as its flow documents (``evaluation_ready``); the model
+    as returned is noted when only that step makes it stateless."""
+    raw = subject.convert(case, ready=False)
+    from qref.pt2e.eval_mode import train_mode_ops
+
+    if case.setup.flow == "pt2e" and train_mode_ops(raw):
+        subject.record.note("the converted model as returned keeps train-mode ops (batch norm / dropout) "
+                            "that update state on every call: run it after move_exported_model_to_eval")
+    converted = evaluation_ready(raw, case)
+    with torch.no_grad():
+        first = [converted(*batch) for batch in case.inputs]
+        second = [converted(*batch) for batch in case.inputs]
+    subject.compared()
+    for i, (a, b) in enumerate(zip(first, second)):
+        a, b = (t.dequantize() if t.is_quantized else t for t in (a, b))
+        if not torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)):
+            subject.fail(case, f"the converted model's output on input #{i} changed when it was run again "
+                               f"on the same inputs (max |difference| {(a - b).abs().max().item():g}): it "
+                               "keeps state between calls")
+
+
+@pt2e
+@ops_tier
+@budget("ops")
+@given(case=cases("pt2e", tier="patterns"))
+def test_outputs_independent_of_call_history(subject, case):
+    _outputs_independent_of_history(subject, case)
+
+
+@fx
+@ops_tier
+@budget("ops")
+@given(case=cases("fx", tier="patterns"))
+def test_fx_outputs_independent_of_call_history(subject, case):
+    with qref.use_engine(case.setup.engine, threads=1):  # onednn: ONEDNN_THREADS
+        _outputs_independent_of_history(subject, case)
+
+
 # --- pt2e ------------------------------------------------------------------------------------
 
 
@@ -163,7 +228,8 @@ def test_fx_deterministic(subject, case):
 @budget("ops")
 @given(case=cases("pt2e", tier="ops"))
 def test_train_eval_disallowed(subject, case):
-    converted = subject.convert(case)
+    converted = subject.convert(case, ready=False)
+    subject.compared()
     for method in ("train", "eval"):
         try:
             getattr(converted, method)()
@@ -183,11 +249,22 @@ _FAN_OUT_CASES = st.booleans().flatmap(
 @budget("ops")
 @given(case=_FAN_OUT_CASES)
 def test_each_dequantize_has_one_user(subject, case):
+    if not _has_fan_out(subject.reference(case)):
+        subject.not_compared("no quantized value feeds two quantized ops in the reference")
+        return
     converted = subject.convert(case)
+    subject.compared()
     shared = {n.name: [u.name for u in real_users(n)]
               for n in converted.graph.nodes if is_call(n, DEQUANTIZE) and len(real_users(n)) > 1}
     if shared:
         subject.fail(case, f"dequantize nodes with more than one user (DuplicateDQ not applied): {shared}")
+
+
+def _has_fan_out(gm) -> bool:
+    """Some quantized value feeds more than one op: a quantize with several dequantizes (one per
+    consumer, as DuplicateDQ leaves them)."""
+    return any(sum(1 for u in real_users(n) if is_call(u, DEQUANTIZE)) > 1
+               for n in gm.graph.nodes if is_call(n, QUANTIZE))
 
 
 def _traced(gm) -> int:
@@ -199,9 +276,12 @@ def _traced(gm) -> int:
 @budget("ops")
 @given(case=cases("pt2e", tier="patterns"))
 def test_qdq_nodes_carry_metadata(subject, case):
-    expected = _traced(qref.convert_pt2e(case.prepared(), fold_quantize=False))
-    event(f"q/dq nodes with a stack trace in the reference: {'some' if expected else 'none'}")
+    expected = _traced(subject.reference(case, fold_quantize=False))
+    if not expected:
+        subject.not_compared("no q/dq node of the reference carries a stack trace")
+        return
     got = _traced(subject.convert(case, fold_quantize=False))
+    subject.compared()
     if got < expected:
         subject.fail(case, f"only {got} q/dq nodes carry the stack trace of the node they came from; "
                            f"the reference ports it to {expected}")
@@ -217,9 +297,13 @@ def _weight_quantizes(gm) -> int:
 @given(case=cases("pt2e", tier="ops"))
 def test_fold_quantize_honoured(subject, case):
     subject.require("fold_quantize")
+    expected = _weight_quantizes(subject.reference(case, fold_quantize=False))
+    if not expected:
+        subject.not_compared("the reference quantizes no weight")
+        return
     unfolded = _weight_quantizes(subject.convert(case, fold_quantize=False))
     folded = _weight_quantizes(subject.convert(case, fold_quantize=True))
-    expected = _weight_quantizes(qref.convert_pt2e(case.prepared(), fold_quantize=False))
+    subject.compared()
     if folded:
         subject.fail(case, f"fold_quantize=True left {folded} weight quantize ops in the graph")
     if unfolded != expected:
@@ -243,11 +327,12 @@ def _float_weighted_after_dequantize(gm) -> list[str]:
 @given(case=cases("pt2e", tier="ops", qat=False))
 def test_reference_representation_honoured(subject, case):
     subject.require("use_reference_representation")
-    reference = qref.convert_pt2e(case.prepared(), use_reference_representation=True)
+    reference = subject.reference(case, use_reference_representation=True)
     if _float_weighted_after_dequantize(reference):
-        event("the reference keeps this op in q/dq form")
+        subject.not_compared("the reference keeps this op in q/dq form")
         return
     converted = subject.convert(case, use_reference_representation=True)
+    subject.compared()
     left = _float_weighted_after_dequantize(converted)
     if left:
         subject.fail(case, f"use_reference_representation=True left float ops on dequantized inputs: {left}")
@@ -280,13 +365,14 @@ def test_fx_qconfig_none_stays_float(subject, case):
     subject.require("qconfig_mapping")
     names = _quantized_module_names(case.prepared())
     if not names:
-        event("no weighted module to skip")
+        subject.not_compared("no weighted module to skip")
         return
     name = names[0]
     mapping = case.setup.qconfig_mapping().set_module_name(name, None)
     with qref.use_engine(case.setup.engine):
         converted = subject.convert(case, qconfig_mapping=mapping)
-        expected = qref.convert_fx(case.prepared(), qconfig_mapping=copy.deepcopy(mapping))
+        expected = subject.reference(case, qconfig_mapping=copy.deepcopy(mapping))
+    subject.compared()
     got, want = _module_kinds(converted).get(name), _module_kinds(expected).get(name)
     if got != want:
         subject.fail(case, f"qconfig_mapping sets module {name!r} to None (keep it float): the converter "
@@ -306,7 +392,8 @@ def test_fx_remove_qconfig_honoured(subject, case):
     with qref.use_engine(case.setup.engine):
         for remove in (True, False):
             got = with_qconfig(subject.convert(case, _remove_qconfig=remove))
-            want = with_qconfig(qref.convert_fx(case.prepared(), _remove_qconfig=remove))
+            want = with_qconfig(subject.reference(case, _remove_qconfig=remove))
+            subject.compared()
             if got != want:
                 subject.fail(case, f"_remove_qconfig={remove}: modules with a qconfig attribute {got}, "
                                    f"the reference has {want}")
@@ -325,6 +412,7 @@ def test_fx_convert_custom_config_honoured(subject, case):
     config = ConvertCustomConfig().set_preserved_attributes(["qref_preserved"])
     with qref.use_engine(case.setup.engine):
         converted = subject.convert(case, model, convert_custom_config=config)
+    subject.compared()
     if getattr(converted, "qref_preserved", None) != 7:
         subject.fail(case, "convert_custom_config.set_preserved_attributes(['qref_preserved']) was not "
                            "honoured: the attribute is missing from the converted model")
@@ -346,7 +434,8 @@ def test_fx_backend_config_honoured(subject, case):  # that cannot run when the 
     backend = _without_linear(case.setup.backend_config())
     with qref.use_engine(case.setup.engine):
         got = _module_kinds(subject.convert(case, backend_config=backend))
-        want = _module_kinds(qref.convert_fx(case.prepared(), backend_config=backend))
+        want = _module_kinds(subject.reference(case, backend_config=backend))
+    subject.compared()
     if got != want:
         diff = {k: (got.get(k), want.get(k)) for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)}
         subject.fail(case, f"under a backend_config without Linear, module kinds differ from the "

@@ -23,6 +23,7 @@ from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
 from qref import reference_numpy as ref
+from qref.tally import compared
 from qref.strategies import FLOAT32_MAX, QDType, as_layout, float_tensors, layouts, qdtypes, qparams, shapes
 
 pytestmark = [pytest.mark.qref_family("primitives"), pytest.mark.qref_tier("primitives")]
@@ -87,6 +88,7 @@ def envelope(x: torch.Tensor, qp):
 
 def check_integers(prop: str, op: str, x: torch.Tensor, qp, got: torch.Tensor, excuse=None):
     """Assert ``got`` (integers) is within the float32 envelope of the reference; explain otherwise."""
+    compared()
     g = got.long().numpy()
     want, lo, hi = envelope(x, qp)
     bad = (g < lo) | (g > hi)
@@ -184,6 +186,7 @@ def test_exact_ties_round_half_even(qdt: QDType, data):
     ks = data.draw(st.lists(st.integers(-40, 40), min_size=1, max_size=64), label="tie k")
     x = torch.tensor([(k + 0.5) * s for k in ks], dtype=torch.float32)
     got = qd.quantize_per_tensor(x, s, zp, qdt.quant_min, qdt.quant_max, qdt.dtype).long()
+    compared()
     for k, g in zip(ks, got.tolist()):
         r = k if k % 2 == 0 else k + 1  # half to even of k + 0.5
         want = min(max(r + zp, qdt.quant_min), qdt.quant_max)
@@ -199,6 +202,7 @@ def test_per_channel_equals_per_tensor_by_channel(case):
     """P5: quantize_per_channel == quantize_per_tensor applied to each channel slice, exactly."""
     x, qp = case
     got = qd.quantize_per_channel(x, qp.scale, qp.zero_point, qp.axis, qp.quant_min, qp.quant_max, qp.dtype)
+    compared()
     for c in range(qp.scale.numel()):
         sl = x.select(qp.axis, c)
         want = qd.quantize_per_tensor(sl, float(qp.scale[c]), int(qp.zero_point[c]), qp.quant_min,
@@ -237,6 +241,7 @@ def test_dequantize_quantize_equals_fake_quantize(case):
     x, qp = case
     dq = decomposed_dequantize(decomposed_quantize(x, qp), qp)
     fq = fake_quant(x, qp)
+    compared()
     bad = ~((dq == fq) | (dq.isnan() & fq.isnan()))
     if qp.axis is not None and bad.any():  # FQ_PC_INT64_CAST excuse: x/scale >= 2**62 and fq == qmin value
         s = _bcast(qp.scale.double(), x.ndim, qp.axis)
@@ -274,6 +279,7 @@ def test_dequantize_matches_reference(case):
     tol = np.abs(want) * 3 * 2.0**-24 + 2.0**-149 + np.where(big, (qa + np.abs(zp64)) * 2.0**-23 * s64, 0.0)
     wrapped = (qp.dtype == torch.int32) and qp.axis is not None  # DQ_PC_INT32_ZP_WRAP only with int32 zp
     bad = np.abs(got - want) > tol
+    compared()
     assert not wrapped or qp.zero_point.dtype == torch.int64
     if bad.any():
         i = tuple(int(k) for k in np.argwhere(bad)[0])
@@ -293,6 +299,7 @@ def test_layout_independence(data):
     xl = as_layout(x, layout)
     assert torch.equal(xl, x)
     a, b = decomposed_quantize(x, qp), decomposed_quantize(xl, qp)
+    compared()
     for name, fa, fb in [("quantize", a, b), ("fake_quantize", fake_quant(x, qp), fake_quant(xl, qp))]:
         if not torch.equal(fa, fb):
             i = tuple(int(k) for k in (fa != fb).nonzero()[0])
@@ -309,6 +316,7 @@ def test_zero_point_dtype_independence(case):
     args = (qp.axis, qp.quant_min, qp.quant_max, qp.dtype)
     q32 = qd.quantize_per_channel(x, qp.scale, z32, *args)
     q64 = qd.quantize_per_channel(x, qp.scale, z64, *args)
+    compared()
     assert torch.equal(q32, q64), f"[P7 zp dtype] quantize_per_channel int32 vs int64 zp differ: {qp.describe()}"
     d32 = qd.dequantize_per_channel(q64, qp.scale, z32, *args)
     d64 = qd.dequantize_per_channel(q64, qp.scale, z64, *args)

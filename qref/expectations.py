@@ -6,17 +6,22 @@
     test = "qat_prepare_keeps_bn_eps"   # which tests (see below)
     reason = "torchao 0.18 prepare_qat_pt2e resets BatchNorm eps"   # mandatory
     torch = ">=2.13"      # optional: only with these torch versions (PEP 440 specifier)
+    torchao = "==0.18.*"  # optional: only with these torchao versions (not installed: inactive)
     engine = "fbgemm"     # optional: only when this quantized engine is exercised
     converter = "torchao-pt2e"   # optional: only for converters whose target matches this glob
     failure = "cannot run"       # optional: expected only when the failure message matches (regex)
     max_lsb = 2           # optional: not an expected failure but a looser tolerance (in LSB)
+    not_exercised = true  # optional: not an expected failure: the property may compare no example
 
 ``test`` is a glob matched against the test id (``properties/test_x.py::test_y[params]``), the id
 without its parameters, the test function's name and the property name (the function name
 without ``test_``); ``re:<regex>`` searches the test id instead.  An entry without ``max_lsb`` marks
 the tests it matches as expected failures (xfail, not strict; or skipped with
-``--qref-expected-as-skip``).  An entry with ``max_lsb`` lets those tests run with that tolerance;
-properties read it with :func:`qref_tolerance_override`.  Entries whose conditions do not hold are
+``--qref-expected-as-skip``); one that did not fail is reported "did not occur".  An entry with
+``max_lsb`` lets those tests run with that tolerance instead of their own (the properties' comparisons
+take it through ``Subject.tolerance``, with the entry's reason as the relaxation's cause).  An entry
+with ``not_exercised = true`` accepts that the tests it matches compared no example (reported as
+"not exercised" with the reason, instead of failing).  Entries whose conditions do not hold are
 inactive; active entries that match no collected test are reported.  With ``failure``, a matched test
 that fails with another message is a failure, not an expected one (pin the known defect, not the
 property; not checked with ``--qref-expected-as-skip``, which does not run the test).
@@ -28,7 +33,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli distribution
+    import tomli as tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +50,9 @@ __all__ = [
 ]
 
 TOLERANCE_MARKER = "qref_max_lsb"
-_KEYS = {"test", "reason", "torch", "engine", "converter", "failure", "max_lsb"}
+_KEYS = {"test", "reason", "torch", "torchao", "engine", "converter", "failure", "max_lsb", "not_exercised"}
+DID_NOT_OCCUR = "did not occur: the upstream defect may be fixed; narrow or remove this entry"
+
 
 
 class ExpectationsError(Exception):
@@ -58,6 +69,8 @@ class Expectation:
     max_lsb: float | None = None
     converter: str | None = None  # glob on the converter's target, e.g. "torchao-pt2e"
     failure: str | None = None  # regex the failure message must contain
+    torchao: str | None = None  # PEP 440 specifier on torchao's version
+    not_exercised: bool = False
 
     def expects(self, message: str) -> bool:
         """Whether a failure with ``message`` is the one this entry expects."""
@@ -65,7 +78,10 @@ class Expectation:
 
     @property
     def kind(self) -> str:
-        """``"xfail"`` (expected failure) or ``"tolerance"`` (runs with ``max_lsb``)."""
+        """``"xfail"`` (expected failure), ``"tolerance"`` (runs with ``max_lsb``) or
+        ``"not-exercised"`` (may compare no example)."""
+        if self.not_exercised:
+            return "not-exercised"
         return "xfail" if self.max_lsb is None else "tolerance"
 
     def matches(self, nodeid: str, function_name: str | None = None) -> bool:
@@ -76,19 +92,22 @@ class Expectation:
         return any(fnmatch.fnmatchcase(c, self.test) for c in candidates)
 
     def inactive_because(
-        self, torch_version: str | None, engines: list[str] | None, converter: str | None = None
+        self, torch_version: str | None, engines: list[str] | None, converter: str | None = None,
+        torchao_version: str | None = None,
     ) -> str | None:
         """Why the conditions do not hold here, or ``None`` when the entry applies.
 
         ``converter``: the target under test (``None``: the ``qref_converter`` fixture's)."""
-        if self.torch is not None:
+        for dist, spec, version in (("torch", self.torch, torch_version), ("torchao", self.torchao, torchao_version)):
+            if spec is None:
+                continue
             from packaging.specifiers import SpecifierSet
             from packaging.version import Version
 
-            if torch_version is None:
-                return "torch is not installed"
-            if not SpecifierSet(self.torch).contains(Version(torch_version), prereleases=True):
-                return f"torch {torch_version} is not {self.torch}"
+            if version is None:
+                return f"{dist} is not installed"
+            if not SpecifierSet(spec).contains(Version(version), prereleases=True):
+                return f"{dist} {version} is not {spec}"
         if self.engine is not None and self.engine not in (engines or []):
             return f"engine {self.engine} is not exercised"
         if self.converter is not None and not (converter and fnmatch.fnmatchcase(converter, self.converter)):
@@ -97,7 +116,7 @@ class Expectation:
 
     def to_json(self) -> dict:
         d = {"test": self.test, "reason": self.reason, "kind": self.kind}
-        for key in ("torch", "engine", "converter", "failure", "max_lsb"):
+        for key in ("torch", "torchao", "engine", "converter", "failure", "max_lsb"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d
@@ -141,16 +160,24 @@ def _entry(path: Path, index: int, entry: dict) -> Expectation:
             re.compile(test[3:])
         except re.error as exc:
             raise ExpectationsError(f"{where}: 'test' is not a valid regex: {exc}") from None
-    torch_spec = entry.get("torch")
-    if torch_spec is not None:
+    for dist in ("torch", "torchao"):
+        spec = entry.get(dist)
+        if spec is None:
+            continue
         from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
         try:
-            SpecifierSet(str(torch_spec))
+            SpecifierSet(str(spec))
         except InvalidSpecifier:
             raise ExpectationsError(
-                f"{where}: 'torch' = {torch_spec!r} is not a version specifier like '>=2.13'"
+                f"{where}: {dist!r} = {spec!r} is not a version specifier like '>=2.13'"
             ) from None
+    torch_spec, torchao_spec = entry.get("torch"), entry.get("torchao")
+    not_exercised = entry.get("not_exercised", False)
+    if not isinstance(not_exercised, bool):
+        raise ExpectationsError(f"{where}: 'not_exercised' must be true or false")
+    if not_exercised and (entry.get("max_lsb") is not None or entry.get("failure") is not None):
+        raise ExpectationsError(f"{where}: 'not_exercised' cannot be combined with 'max_lsb' or 'failure'")
     engine = entry.get("engine")
     if engine is not None and not isinstance(engine, str):
         raise ExpectationsError(f"{where}: 'engine' must be a string such as 'fbgemm'")
@@ -175,6 +202,7 @@ def _entry(path: Path, index: int, entry: dict) -> Expectation:
     return Expectation(
         index, test.strip(), reason.strip(), None if torch_spec is None else str(torch_spec), engine, max_lsb,
         None if converter is None else converter.strip(), failure,
+        None if torchao_spec is None else str(torchao_spec), not_exercised,
     )
 
 

@@ -254,7 +254,8 @@ def _configure(config: pytest.Config, state: _State) -> None:
         torch_version = _version("torch")
         for e in state.expectations:
             why = e.inactive_because(torch_version, state.engines,
-                                     state.converter.target if state.converter is not None else None)
+                                     state.converter.target if state.converter is not None else None,
+                                     _version("torchao"))
             if why is not None:
                 state.inactive[e.index] = why
     state.environment = _environment(config, state)
@@ -449,8 +450,10 @@ def _apply_expectations(config: pytest.Config, state: _State, items: list) -> No
                 continue
             state.matched.add(e.index)
             if e.kind == "tolerance" and not tolerance_done:
-                item.add_marker(pytest.mark.qref_max_lsb(e.max_lsb))
+                item.add_marker(pytest.mark.qref_max_lsb(e.max_lsb, reason=e.reason))
                 tolerance_done = True
+            elif e.kind == "not-exercised" and _NOT_EXERCISED not in item.stash:
+                accept_not_exercised(item, e)
             elif e.kind == "xfail" and not xfail_done:
                 reason = f"{_report.EXPECTED_SKIP_PREFIX}{e.reason}"
                 if as_skip:
@@ -467,6 +470,7 @@ def _apply_expectations(config: pytest.Config, state: _State, items: list) -> No
 
 _EXPECTATION = pytest.StashKey[int]()
 _EXPECTED_FAILURE = pytest.StashKey[object]()  # the Expectation an xfail came from
+_NOT_EXERCISED = pytest.StashKey[object]()  # the Expectation that accepts "not exercised"
 
 
 def expect_failure(item: pytest.Item, entry) -> None:
@@ -474,6 +478,11 @@ def expect_failure(item: pytest.Item, entry) -> None:
     the entry's ``failure`` (if it has one) is then reported as a real failure."""
     item.add_marker(pytest.mark.xfail(reason=entry.reason, strict=False))
     item.stash[_EXPECTED_FAILURE] = entry
+
+
+def accept_not_exercised(item: pytest.Item, entry) -> None:
+    """``item`` may compare no example, for the reason ``entry`` gives (reported, not failed)."""
+    item.stash[_NOT_EXERCISED] = entry
 
 
 # --- running: tier gating, per-test data on the reports, artifacts ----------------------------------
@@ -518,11 +527,40 @@ def _skip_at_item(reason: str) -> None:
         pytest.skip(reason)
 
 
+_TALLY = pytest.StashKey[object]()  # on a property: its qref.tally.Tally
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Count a property's examples (each run of its body) and those it really compared."""
+    if item.get_closest_marker("qref_family") is None or not hasattr(item, "obj"):
+        yield
+        return
+    from qref.tally import Tally
+
+    tally = item.stash[_TALLY] = Tally()
+    given = getattr(item.obj, "hypothesis", None)
+    if given is not None:  # Hypothesis reads inner_test at each call: wrap the body it runs
+        body, given.inner_test = given.inner_test, tally.counting(given.inner_test)
+        try:
+            yield
+        finally:
+            given.inner_test = body
+    else:  # a plain test is one example
+        original = item.obj
+        item.obj = tally.counting(original)
+        try:
+            yield
+        finally:
+            item.obj = original
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)  # outside pytest's own xfail handling
 def pytest_runtest_makereport(item: pytest.Item, call):
     outcome = yield
     report = outcome.get_result()
     _unexpected_failure_fails(item, call, report)
+    _not_exercised_fails(item, call, report)
     # Tensors cannot travel to the xdist controller (nor into junitxml): reports carry metadata only.
     report.user_properties = [_portable(k, v) for k, v in report.user_properties]
     state = _state(item.config)
@@ -538,6 +576,9 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         "property": name.removeprefix("test_"),
         "expectation": item.stash.get(_EXPECTATION, None),
     }
+    tally = item.stash.get(_TALLY, None)
+    if tally is not None and report.when == "call":
+        info["tally"] = tally.to_json()
     if report.failed:
         item.stash[_FAILED] = True
         if tier in TIERS and not any(f[3] == item.nodeid for f in state.failures):
@@ -561,6 +602,23 @@ def _unexpected_failure_fails(item: pytest.Item, call, report) -> None:
     del report.wasxfail
     report.sections.append(("qref expectation", f"expected to fail with {entry.failure!r} ({entry.reason}), "
                                                 f"but it failed otherwise: not an expected failure"))
+
+
+def _not_exercised_fails(item: pytest.Item, call, report) -> None:
+    """A property that passed without comparing any example did not pass: it is "not exercised",
+    a failure unless an expectations entry (``not_exercised = true``) names why."""
+    tally = item.stash.get(_TALLY, None)
+    if report.when != "call" or tally is None or tally.exercised or not report.passed:
+        return
+    message = f"{_report.NOT_EXERCISED_PREFIX}{tally.summary()}"
+    entry = item.stash.get(_NOT_EXERCISED, None)
+    if entry is not None:
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1], f"{message}; expected: {entry.reason}")
+        return
+    report.outcome = "failed"
+    report.longrepr = (f"{message}\n(every example lacked what the property checks; an expectations "
+                       f"entry with not_exercised = true and a reason accepts this)")
 
 
 def _portable(key: str, value):
@@ -742,7 +800,10 @@ class QrefRecord:
         self.reproducer_data: dict | None = None
 
     def lsb(self, value: float, where: str | None = None) -> None:
-        """An observed error in LSB; the report keeps the worst (over all examples)."""
+        """An observed error in LSB (so this example was compared); the report keeps the worst."""
+        from qref import tally
+
+        tally.compared()
         value = float(value)
         if self.max_lsb is None or value > self.max_lsb or value != value:  # NaN is the worst
             self.max_lsb, self.max_lsb_where = value, where

@@ -23,14 +23,18 @@ __all__ = [
     "rows",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: compared/drawn examples, "not exercised"
 FAMILIES = ("primitives", "equivalence", "folding", "kernels", "contract")
 TIERS = ("primitives", "ops", "patterns", "models")
 NOT_RUN_PREFIX = "not run because "
+NOT_EXERCISED_PREFIX = "not exercised: "
 EXPECTED_SKIP_PREFIX = "expected failure: "
-# From worst to best: a row shows the worst status of its tests.
-STATUSES = ("failed", "not run", "xfailed", "xpassed", "skipped", "passed")
-_LABELS = {"xfailed": "expected failure", "xpassed": "passed (expected to fail)"}
+# From worst to best: a row shows the worst status of its tests.  "not exercised": it passed
+# without comparing a single example (a failure of the run, like "failed").
+STATUSES = ("failed", "not exercised", "not run", "xfailed", "xpassed", "skipped", "passed")
+# an expected failure that did not fail (expectations.DID_NOT_OCCUR, repeated: no import here)
+_LABELS = {"xfailed": "expected failure",
+           "xpassed": "did not occur: the upstream defect may be fixed; narrow or remove this entry"}
 
 
 @dataclass
@@ -51,9 +55,12 @@ class TestOutcome:
     artifact: str | None = None  # directory with repro.py and inputs.pt
     expectation: int | None = None  # index of the expectations entry that matched
     duration: float = 0.0
+    drawn: int | None = None  # examples run (None: not counted, e.g. not a property)
+    compared: int | None = None  # examples really compared
+    not_compared: dict[str, int] = field(default_factory=dict)  # cause -> examples
 
     def to_json(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if v not in (None, [])}
+        d = {k: v for k, v in self.__dict__.items() if v not in (None, [], {})}
         d.setdefault("status", self.status)
         return d
 
@@ -81,6 +88,9 @@ class Outcomes:
             out.expectation = info["expectation"]
         if info.get("artifact"):
             out.artifact = info["artifact"]
+        if info.get("tally"):
+            tally = info["tally"]
+            out.drawn, out.compared, out.not_compared = tally["drawn"], tally["compared"], dict(tally["not_compared"])
         out.duration += getattr(report, "duration", 0.0) or 0.0
         for key, value in getattr(report, "user_properties", ()):
             if key == "qref_max_lsb" and value is not None:
@@ -102,6 +112,8 @@ class Outcomes:
         wasxfail = getattr(report, "wasxfail", None)
         if report.failed:
             out.status, out.reason = "failed", _failure_line(report)
+            if out.reason.startswith(NOT_EXERCISED_PREFIX):
+                out.status, out.reason = "not exercised", out.reason[len(NOT_EXERCISED_PREFIX):]
         elif report.when == "call" and wasxfail is not None:
             out.status = "xpassed" if report.passed else "xfailed"
             out.reason = wasxfail or None
@@ -156,6 +168,22 @@ class Row:
     tests: list[TestOutcome]
 
     @property
+    def compared(self) -> tuple[int, int] | None:
+        """(examples compared, examples drawn) over the row's tests, or None if none counted."""
+        counted = [t for t in self.tests if t.drawn is not None]
+        if not counted:
+            return None
+        return sum(t.compared or 0 for t in counted), sum(t.drawn for t in counted)
+
+    @property
+    def not_compared(self) -> dict[str, int]:
+        causes: dict[str, int] = {}
+        for t in self.tests:
+            for cause, n in t.not_compared.items():
+                causes[cause] = causes.get(cause, 0) + n
+        return causes
+
+    @property
     def status_text(self) -> str:
         total = sum(self.counts.values())
         text = _LABELS.get(self.status, self.status)
@@ -165,7 +193,7 @@ class Row:
             text += f" ({total})"
         if self.status == "not run" and self.reason:
             text = f"not run: {_short_ids(self.reason)}"
-        elif self.status in ("xfailed", "skipped", "failed") and self.reason:
+        elif self.status in ("xfailed", "skipped", "failed", "not exercised") and self.reason:
             text += f": {self.reason}"
         return text
 
@@ -176,6 +204,8 @@ class Row:
             "status": self.status,
             "counts": self.counts,
             "max_lsb": self.max_lsb,
+            "compared": None if self.compared is None else {"compared": self.compared[0], "drawn": self.compared[1]},
+            "not_compared": self.not_compared,
             "reason": self.reason,
             "tests": [t.nodeid for t in self.tests],  # details in the report's top-level "tests"
         }
@@ -213,6 +243,11 @@ def _lsb_text(value: float | None) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.3g}"
 
 
+def _compared_text(row: Row) -> str:
+    """``compared/drawn`` examples, e.g. ``5/6``; empty when the row's tests are not counted."""
+    return "" if row.compared is None else f"{row.compared[0]}/{row.compared[1]}"
+
+
 def _short_ids(text: str) -> str:
     """``dir/test_x.py::test_name[p]`` -> ``name[p]``: the table names properties, not files."""
     return re.sub(r"\S+\.py::(?:\w+::)*(?:test_)?", "", text)
@@ -233,16 +268,17 @@ def format_table(table: list[Row], width: int = 100) -> list[str]:
     fam_w = max(len("family"), *(len(r.family) for r in table))
     prop_w = max(len("property"), *(len(r.property) for r in table))
     lsb_w = len("worst LSB")
-    status_w = max(30, width - fam_w - prop_w - lsb_w - 7)
-    lines = [f"{'family':<{fam_w}}  {'property':<{prop_w}}  {'worst LSB':>{lsb_w}}  status"]
-    lines.append(f"{'-' * fam_w}  {'-' * prop_w}  {'-' * lsb_w}  {'-' * min(status_w, 30)}")
+    cmp_w = max(len("compared"), *(len(_compared_text(r)) for r in table))
+    status_w = max(30, width - fam_w - prop_w - lsb_w - cmp_w - 9)
+    lines = [f"{'family':<{fam_w}}  {'property':<{prop_w}}  {'worst LSB':>{lsb_w}}  {'compared':>{cmp_w}}  status"]
+    lines.append(f"{'-' * fam_w}  {'-' * prop_w}  {'-' * lsb_w}  {'-' * cmp_w}  {'-' * min(status_w, 30)}")
     previous_family = None
     for r in table:
         family = r.family if r.family != previous_family else ""
         previous_family = r.family
         lines.append(
             f"{family:<{fam_w}}  {r.property:<{prop_w}}  {_lsb_text(r.max_lsb):>{lsb_w}}  "
-            f"{_fit(r.status_text, status_w)}"
+            f"{_compared_text(r):>{cmp_w}}  {_fit(r.status_text, status_w)}"
         )
     return lines
 
@@ -275,6 +311,7 @@ def build_json(
         "all_hold": bool(outcomes)
         and exit_status == 0
         and c["failed"] == 0
+        and c["not exercised"] == 0
         and c["not run"] == 0
         and not collection_errors,
         "counts": c,

@@ -240,6 +240,16 @@ def check_folded_weights_written_back(w: Pt2eWitness):
     assert "conv1.weight" in mutated_by(w.mutant.load())
 
 
+def check_consumes_and_writes_back(w: Pt2eWitness):
+    model = w.prepared()
+    graph = str(model.graph)
+    weight = model.state_dict(keep_vars=True)["conv1.weight"]
+    before = weight.detach().clone()
+    w.mutant.load()(model)
+    assert str(model.graph) != graph, "converts in place"
+    assert not torch.equal(weight.detach(), before), "writes through the prepared model's weight"
+
+
 def check_dropped_qdq(w: Pt2eWitness):
     def count(gm):
         return sum(is_call(n, QUANTIZE) for n in gm.graph.nodes)
@@ -404,6 +414,7 @@ PLANTED = {
     "bn_running_mean_ignored": check_qat_fold_bug,
     "conv_bias_added_twice": check_qat_fold_bug,
     "folded_weights_written_back": check_folded_weights_written_back,
+    "consumes_and_writes_back": check_consumes_and_writes_back,
     "dropped_qdq": check_dropped_qdq,
     "observer_left": check_observer_left,
     "shared_dequantize": check_shared_dequantize,

@@ -33,12 +33,13 @@ def fx_good(model, convert_custom_config=None, _remove_qconfig=True, qconfig_map
 # primitives test records LSB and a note.
 SUITE = '''
 import pytest
+from qref.tally import compared
 
 @pytest.mark.qref_family("equivalence")
 @pytest.mark.qref_tier("models")
 @pytest.mark.qref_flow("pt2e")
 def test_models_pt2e(qref_converter):
-    pass
+    compared()
 
 @pytest.mark.qref_family("primitives")
 @pytest.mark.qref_tier("primitives")
@@ -58,13 +59,14 @@ def test_ops(qref_converter, qref_record, n):
 @pytest.mark.qref_tier("ops")
 @pytest.mark.qref_flow("fx")
 def test_fx_ops(qref_converter):
+    compared()
     assert qref_converter.flow == "fx"
 
 @pytest.mark.qref_family("folding")
 @pytest.mark.qref_tier("patterns")
 @pytest.mark.qref_flow("fx")
 def test_fx_patterns(qref_converter):
-    pass
+    compared()
 '''
 
 BAD_OPS = '''
@@ -343,7 +345,7 @@ def test_conformance_table_in_terminal_summary(suite):
 
 
 def _check_report(document, *, xdist):
-    assert document["schema"] == "qref-report/1"
+    assert document["schema"] == "qref-report/2"
     assert document["converter"]["target"] == "fakeconv:only_fold"
     assert document["converter"]["not_exercised"] == ["use_reference_representation"]
     env = document["environment"]
@@ -665,11 +667,13 @@ def test_conftest_override_of_qref_converter_embeds_the_suite(pytester):
         textwrap.dedent(
             """
             import pytest
+            from qref.tally import compared
 
             pytestmark = [pytest.mark.qref_family("equivalence"), pytest.mark.qref_flow("pt2e")]
 
             @pytest.mark.qref_tier("ops")
             def test_converts(qref_converter):
+                compared()
                 assert qref_converter.target == "mypkg:convert"
                 assert qref_converter(object(), fold_quantize=False) == ("converted", False)
             """
@@ -725,3 +729,107 @@ def test_failure_condition_expects_only_that_failure(suite, failure, expected):
         assert result.ret == 1
         assert _by_property(_report(suite))["ops_bad"]["status"] == "failed"
         result.stdout.fnmatch_lines(["*expected to fail with 'cannot run' (a known defect), but it failed otherwise*"])
+
+
+# --- examples compared: "not exercised" ---------------------------------------------------------
+
+COUNTED = '''
+import pytest
+from hypothesis import given, settings, strategies as st
+from qref.tally import compared, not_compared
+
+pytestmark = [pytest.mark.qref_family("equivalence"), pytest.mark.qref_tier("ops"),
+              pytest.mark.qref_flow("pt2e")]
+
+@settings(max_examples=10, database=None)
+@given(st.integers(0, 9))
+def test_never_compares(n):
+    not_compared("float output" if n % 2 else "no weight")
+
+@settings(max_examples=10, database=None)
+@given(st.integers(0, 9))
+def test_silently_returns(n):
+    return
+
+@settings(max_examples=10, database=None)
+@given(st.integers(0, 9))
+def test_compares_some(n):
+    if n < 5:
+        not_compared("small")
+        return
+    compared()
+
+def test_plain_compares(qref_record):
+    qref_record.lsb(0)
+'''
+
+
+def test_property_that_compared_nothing_is_not_exercised_and_fails(pytester):
+    pytester.makepyfile(fakeconv=FAKECONV, test_counted=COUNTED)
+    result = pytester.runpytest("--qref-converter", "fakeconv:good", "--qref-report", "report.json",
+                                "-p", "no:randomly")
+    assert result.ret == 1
+    rows = _by_property(_report(pytester))
+    never = rows["never_compares"]
+    assert never["status"] == "not exercised"
+    assert never["compared"] == {"compared": 0, "drawn": never["compared"]["drawn"]}
+    assert never["compared"]["drawn"] >= 2
+    assert set(never["not_compared"]) == {"float output", "no weight"}
+    assert sum(never["not_compared"].values()) == never["compared"]["drawn"]
+    assert "0 of" in never["reason"] and "float output:" in never["reason"]
+    silent = rows["silently_returns"]
+    assert silent["status"] == "not exercised" and "no cause given" in silent["reason"]
+    some = rows["compares_some"]
+    assert some["status"] == "passed" and 0 < some["compared"]["compared"] < some["compared"]["drawn"]
+    assert rows["plain_compares"]["compared"] == {"compared": 1, "drawn": 1}
+    document = _report(pytester)
+    assert document["all_hold"] is False and document["counts"]["not exercised"] == 2
+    result.stdout.fnmatch_lines(["*never_compares*0/*not exercised*float output*"])
+
+
+def test_not_exercised_expectation_names_why(pytester):
+    pytester.makepyfile(fakeconv=FAKECONV, test_counted=COUNTED)
+    pytester.makefile(".toml", expect="""
+        [[expect]]
+        test = "never_compares"
+        reason = "this converter has no weights to compare"
+        not_exercised = true
+        [[expect]]
+        test = "silently_returns"
+        reason = "the same, for a silent property"
+        not_exercised = true
+        """)
+    result = pytester.runpytest("--qref-converter", "fakeconv:good", "--qref-report", "report.json",
+                                "--qref-expectations", "expect.toml")
+    assert result.ret == 0, result.stdout.str()
+    never = _by_property(_report(pytester))["never_compares"]
+    assert never["status"] == "skipped"
+    assert "not exercised: 0 of" in never["reason"] and "no weights to compare" in never["reason"]
+
+
+def test_not_exercised_fails_a_plain_pytest_run_too(pytester):
+    pytester.makepyfile(test_counted=COUNTED)
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines(["*not exercised: 0 of * compared*"])
+
+
+def test_expected_failure_that_did_not_occur_says_so(pytester):
+    pytester.makepyfile(fakeconv=FAKECONV, test_x="""
+        import pytest
+        from qref.tally import compared
+
+        @pytest.mark.qref_family("equivalence")
+        @pytest.mark.qref_tier("ops")
+        def test_defect_fixed():
+            compared()
+        """)
+    pytester.makefile(".toml", expect="""
+        [[expect]]
+        test = "defect_fixed"
+        reason = "upstream defect 123"
+        """)
+    result = pytester.runpytest("--qref-converter", "fakeconv:good", "--qref-expectations", "expect.toml")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*defect_fixed*did not occur: the upstream defect may be fixed; narrow or "
+                                 "remove this entry*"])

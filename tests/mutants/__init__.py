@@ -106,6 +106,11 @@ _ALL = [
           "(in-place fold through shared tensors; pytorch#104593, ao PR #2795)",
           ("conv_bn_relu", "qref_int8_sym_qat", True),
           "prepared_model_not_silently_changed or qat_fold_leaves_prepared_model_unchanged"),
+    _pt2e("consumes_and_writes_back", "input-mutated-in-place-conversion",
+          "converts in place like torchao (the prepared graph is rewritten) and the QAT fold "
+          "writes through the prepared model's parameters (a rewritten graph once hid this)",
+          ("conv_bn_relu", "qref_int8_sym_qat", True),
+          "prepared_model_not_silently_changed or qat_fold_leaves_prepared_model_unchanged"),
     # --- pt2e: graph structure and contract ----------------------------------------------------
     _pt2e("dropped_qdq", "dropped-qdq",
           "the q/dq pair on one intermediate activation is dropped (a pattern not matched, "

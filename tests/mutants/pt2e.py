@@ -262,6 +262,14 @@ def folded_weights_written_back(model, use_reference_representation=False, fold_
         return qref.convert_pt2e(model, use_reference_representation, fold_quantize)
 
 
+def consumes_and_writes_back(model, use_reference_representation=False, fold_quantize=True):
+    """Converts in place like torchao (a rewritten graph), and its fold writes through the prepared model's weights."""
+    # a consumed model is no licence to write into tensors the user's float model may share
+    converted = folded_weights_written_back(model, use_reference_representation, fold_quantize)
+    model.graph = copy.deepcopy(converted.graph)
+    return converted
+
+
 # --- graph structure and contract ---------------------------------------------------------------
 
 
