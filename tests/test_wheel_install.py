@@ -59,3 +59,46 @@ def test_unknown_converter_is_a_usage_error(wheel_env):
     done = subprocess.run([str(venv / "bin" / "qref"), "check", "nope"], cwd=workdir, capture_output=True, text=True)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def _oldest_python() -> Path | None:
+    """An interpreter of the oldest Python that pyproject.toml admits (3.10), if this machine has one."""
+    import shutil
+
+    for candidate in (shutil.which("python3.10"), *sorted(Path("/root/.pyenv/versions").glob("3.10*/bin/python3.10"))):
+        if candidate and subprocess.run([str(candidate), "--version"], capture_output=True).returncode == 0:
+            return Path(candidate)
+    return None
+
+
+def test_plugin_loads_on_the_oldest_supported_python(tmp_path):
+    """The pytest11 plugin is loaded by every pytest session where qref is installed: on Python 3.10
+    (no tomllib) it must load, leave a plain session alone and read an expectations file."""
+    import tomllib
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert requires == ">=3.10", "test the interpreter requires-python names"
+    python = _oldest_python()
+    if python is None:
+        pytest.skip("no Python 3.10 interpreter on this machine (requires-python >=3.10 is untested here)")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist")], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("qref-*.whl")
+    venv = tmp_path / "venv310"
+    subprocess.run([str(python), "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    # qref without torch (the plugin must not need it at load), with pytest and what qref's
+    # metadata asks for on 3.10 (tomli, packaging)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c",
+                    str(ROOT / "constraints.txt"), "pytest", "tomli", "packaging"], check=True, capture_output=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
+    (tmp_path / "test_plain.py").write_text("def test_plain():\n    assert 1 + 1 == 2\n")
+    done = subprocess.run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_plain.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout + done.stderr
+    loaded = subprocess.run([str(py), "-c", "import sys, qref.plugin, qref.expectations as e; "
+                             "from importlib.resources import files; "
+                             "print(sys.version_info[:2], len(e.load(files('qref') / 'default_expectations.toml')))"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.startswith("(3, 10)")
