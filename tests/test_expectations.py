@@ -1,0 +1,57 @@
+"""The default expectations are narrow: each names its failure message and the upstream versions."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import pytest
+
+from qref.expectations import ExpectationsError, load
+
+DEFAULTS = load(files("qref") / "default_expectations.toml")
+
+
+@pytest.mark.parametrize("entry", DEFAULTS, ids=[e.test for e in DEFAULTS])
+def test_default_entry_names_its_failure_and_versions(entry):
+    assert entry.kind == "xfail"
+    assert entry.failure, f"{entry.test}: a default expectation names the failure message it expects"
+    assert entry.torch or entry.torchao, f"{entry.test}: a default expectation names the versions it applies to"
+    assert len(entry.reason) > 40
+
+
+def test_bn_eps_entry_expects_only_the_reset_to_defaults():
+    (entry,) = [e for e in DEFAULTS if e.test.startswith("qat_prepare_keeps_bn_eps")]
+    reset = ("PRECONDITION (prepare stage, not the converter): the float model's BatchNorm has eps=0.001, "
+             "momentum=0.5; the prepared graph uses (momentum, eps)=[(0.1, 1e-05), (0.1, 1e-05)]")
+    assert entry.expects(reset)
+    assert not entry.expects(reset.replace("(0.1, 1e-05)]", "(0.5, 1e-05)]"))  # another change
+    assert not entry.expects("no batch norm left in the QAT-prepared graph")
+    assert entry.torchao == "==0.18.*"
+    assert entry.inactive_because("2.13.0", [], "qref-pt2e", "0.19.0") is not None
+    assert entry.inactive_because("2.13.0", [], "qref-pt2e", "0.18.0") is None
+
+
+def test_torch_fx_weight_reobservation_entry_expects_only_weight_fake_quant_statistics():
+    (entry,) = [e for e in DEFAULTS if e.test.startswith("fx_prepared_model_not_silently_changed")]
+    head = "the converter mutated the prepared model it was given (its graph was rewritten in place): "
+    assert entry.expects(head + "observer statistics changed: conv0.weight_fake_quant.scale, "
+                                "conv0.weight_fake_quant.activation_post_process.min_val\n\nmodel: ...")
+    assert not entry.expects(head + "parameters and buffers changed: conv0.weight; observer statistics "
+                                    "changed: conv0.weight_fake_quant.scale\n\nmodel: ...")
+    assert not entry.expects(head + "observer statistics changed: activation_post_process_0.min_val\n\nmodel")
+    assert entry.converter == "torch-fx"
+
+
+def test_unknown_and_conflicting_keys_are_refused(tmp_path):
+    path = tmp_path / "e.toml"
+    path.write_text('[[expect]]\ntest = "x"\nreason = "r"\nnot_exercised = true\nmax_lsb = 1\n')
+    with pytest.raises(ExpectationsError, match="cannot be combined"):
+        load(path)
+    path.write_text('[[expect]]\ntest = "x"\nreason = "r"\ntorchao = "banana"\n')
+    with pytest.raises(ExpectationsError, match="'torchao'"):
+        load(path)
+    path.write_text('[[expect]]\ntest = "x"\nreason = "r"\nnot_exercised = "yes"\n')
+    with pytest.raises(ExpectationsError, match="true or false"):
+        load(path)
+    path.write_text('[[expect]]\ntest = "x"\nreason = "no weights here"\nnot_exercised = true\n')
+    assert load(path)[0].kind == "not-exercised"
