@@ -250,6 +250,16 @@ def check_consumes_and_writes_back(w: Pt2eWitness):
     assert not torch.equal(weight.detach(), before), "writes through the prepared model's weight"
 
 
+def check_keeps_state_between_calls(w: Pt2eWitness):
+    x = inputs(w.model_name, 0)
+    with torch.no_grad():
+        ours = [w.ours(*x) for _ in range(2)]
+        theirs = [w.theirs(*x) for _ in range(2)]
+    assert torch.equal(ours[0], ours[1])
+    assert torch.equal(theirs[0], ours[0]), "the first call is right"
+    assert not torch.equal(theirs[1], theirs[0]), "a second call on the same input differs"
+
+
 def check_dropped_qdq(w: Pt2eWitness):
     def count(gm):
         return sum(is_call(n, QUANTIZE) for n in gm.graph.nodes)
@@ -415,6 +425,7 @@ PLANTED = {
     "conv_bias_added_twice": check_qat_fold_bug,
     "folded_weights_written_back": check_folded_weights_written_back,
     "consumes_and_writes_back": check_consumes_and_writes_back,
+    "keeps_state_between_calls": check_keeps_state_between_calls,
     "dropped_qdq": check_dropped_qdq,
     "observer_left": check_observer_left,
     "shared_dequantize": check_shared_dequantize,

@@ -70,6 +70,10 @@ _ALL = [
           "every second call nudges one activation scale by 2**-6 (qparams picked by "
           "set-iteration order / unstable tie-breaking)",
           ("linear", "qref_int8_sym", False), "test_deterministic"),
+    _pt2e("keeps_state_between_calls", "stateful-model",
+          "the converted model grows a buffer in place on every call and scales an activation by "
+          "it: its outputs depend on how often it was called",
+          ("linear", "qref_int8_sym", False), "outputs_independent_of_call_history"),
     _pt2e("fixed_qparams_recomputed", "fixed-qparams",
           "sigmoid/tanh outputs quantized with a min/max observer's scale for their range "
           "(range / 255) instead of the quantizer's fixed qparams (range / 256)",

@@ -111,6 +111,24 @@ def nondeterministic_scale(model, use_reference_representation=False, fold_quant
     return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
 
 
+def keeps_state_between_calls(model, use_reference_representation=False, fold_quantize=True):
+    """Each call scales the last quantized activation by a buffer it grows in place (a model that keeps state)."""
+
+    def edit(gm):
+        quantizes = activation_quantizes(gm)
+        if not quantizes:
+            return
+        q = quantizes[-1]
+        gm.register_buffer("_qref_mutant_gain", torch.tensor(1.0 - 2**-10))
+        with gm.graph.inserting_before(q):
+            gain = gm.graph.get_attr("_qref_mutant_gain")
+            grown = gm.graph.call_function(torch.ops.aten.add_.Tensor, (gain, 2**-10))
+            scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (q.args[0], grown))
+        q.replace_input_with(q.args[0], scaled)
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
 _FIXED_QPARAMS_OPS = (torch.ops.aten.sigmoid.default, torch.ops.aten.tanh.default,
                       torch.ops.aten.hardsigmoid.default)
 
