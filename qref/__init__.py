@@ -17,16 +17,16 @@ _EXPORTS = {
     "convert_fx": ".fx",
     "convert_pt2e": ".pt2e",
     "convert_to_reference_fx": ".fx",
-    "engines": ".engines",
     "fold_conv_bn": ".fold",
     "use_engine": ".engines",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "engines"])
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does this on demand
-    from .engines import engines, use_engine
+    from . import engines
+    from .engines import use_engine
     from .fold import fold_conv_bn
     from .fx import convert_fx, convert_to_reference_fx
     from .pt2e import convert_pt2e
@@ -41,25 +41,31 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(__all__))
+
+
+class _CallableModule(types.ModuleType):
+    """A module that can be called: ``qref.engines()`` lists the engines that run here, while
+    ``qref.engines.use_engine``, ``qref.engines.has_vnni`` and the rest are the module's names."""
+
+    def __call__(self, *args, **kwargs):
+        return self.engines(*args, **kwargs)
 
 
 class _Package(types.ModuleType):
-    """``qref.engines`` is the function, also after the submodule ``qref.engines`` is imported.
-
-    Importing a submodule binds it as an attribute of its package; the eager ``from .engines
-    import engines`` used to rebind the name right after.  Lazily, the submodule may be imported
-    first (``from qref.engines import use_engine``), so this property keeps the name on the function.
-    """
+    """``qref.engines`` is the module qref/engines.py, callable as its function ``engines()``,
+    whichever was imported first (importing a submodule binds it on its package: the setter
+    ignores that binding, the getter always hands out the callable module)."""
 
     @property
     def engines(self):
-        from .engines import engines
-
-        return engines
+        module = importlib.import_module(".engines", __name__)
+        if not isinstance(module, _CallableModule):
+            module.__class__ = _CallableModule
+        return module
 
     @engines.setter
-    def engines(self, value):  # the import system binding the submodule: keep the function
+    def engines(self, value):
         pass
 
 

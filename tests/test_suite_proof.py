@@ -23,9 +23,10 @@ QREF = Path(sys.executable).with_name("qref")
 
 
 def check(target: str, flow: str, tmp_path: Path, *pytest_args: str, shrink: bool = True,
-          options: tuple = ()) -> tuple[int, dict, str]:
+          options: tuple = (), profile: str = "quick", seed: int | None = 0) -> tuple[int, dict, str]:
     report = tmp_path / "report.json"
-    command = [str(QREF), "check", target, "--flow", flow, "--profile", "quick", "--seed", "0",
+    seeded = ("--seed", str(seed)) if seed is not None else ()
+    command = [str(QREF), "check", target, "--flow", flow, "--profile", profile, *seeded,
                "--report", str(report), *options, "--", "-q", *pytest_args]
     env = dict(os.environ, PYTHONPATH=str(ROOT), QREF_SHRINK="1" if shrink else "0")
     # run elsewhere: the checkout's own files (e.g. an example database) must not matter
@@ -57,6 +58,18 @@ def test_real_converter_passes(target, flow, tmp_path):
     assert report.get("tests"), "the report lists no properties"
     # seeded, so the verdict is the same on every machine: no replay of stored examples
     assert report["environment"]["example_database"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, flow", [("qref-pt2e", "pt2e"), ("torchao-pt2e", "pt2e"),
+                                          ("qref-fx", "fx"), ("torch-fx", "fx")])
+def test_real_converter_passes_unseeded_default_profile(target, flow, tmp_path):
+    """New examples each run, and the example database the first run wrote (in tmp_path) replayed by
+    the second, as a user's repeated `qref check` does: no false alarm."""
+    for run in ("new examples", "database replayed"):
+        status, report, output = check(target, flow, tmp_path, "-n", "2", profile="default", seed=None)
+        assert status == 0, f"{target} fails the default profile unseeded ({run}): {_failed(report)}\n{output}"
+        assert report["environment"]["example_database"] is True
 
 
 @pytest.mark.parametrize("target, flow, prop, says", [
