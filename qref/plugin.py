@@ -608,7 +608,11 @@ def _not_exercised_fails(item: pytest.Item, call, report) -> None:
     """A property that passed without comparing any example did not pass: it is "not exercised",
     a failure unless an expectations entry (``not_exercised = true``) names why."""
     tally = item.stash.get(_TALLY, None)
-    if report.when != "call" or tally is None or tally.exercised or not report.passed:
+    if report.when != "call" or tally is None or tally.exercised:
+        return
+    # every example rejected: Hypothesis fails with Unsatisfiable, which says less than the causes
+    unsatisfiable = report.failed and call.excinfo is not None and call.excinfo.typename == "Unsatisfiable"
+    if not (report.passed or unsatisfiable):
         return
     message = f"{_report.NOT_EXERCISED_PREFIX}{tally.summary()}"
     entry = item.stash.get(_NOT_EXERCISED, None)

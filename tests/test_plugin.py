@@ -735,7 +735,7 @@ def test_failure_condition_expects_only_that_failure(suite, failure, expected):
 
 COUNTED = '''
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, reject, settings, strategies as st
 from qref.tally import compared, not_compared
 
 pytestmark = [pytest.mark.qref_family("equivalence"), pytest.mark.qref_tier("ops"),
@@ -761,6 +761,12 @@ def test_compares_some(n):
 
 def test_plain_compares(qref_record):
     qref_record.lsb(0)
+
+@settings(max_examples=5, database=None)
+@given(st.integers(0, 9))
+def test_rejects_everything(n):
+    not_compared("the quantizer left the op float")
+    reject()
 '''
 
 
@@ -782,8 +788,10 @@ def test_property_that_compared_nothing_is_not_exercised_and_fails(pytester):
     some = rows["compares_some"]
     assert some["status"] == "passed" and 0 < some["compared"]["compared"] < some["compared"]["drawn"]
     assert rows["plain_compares"]["compared"] == {"compared": 1, "drawn": 1}
+    rejected = rows["rejects_everything"]
+    assert rejected["status"] == "not exercised" and "the quantizer left the op float:" in rejected["reason"]
     document = _report(pytester)
-    assert document["all_hold"] is False and document["counts"]["not exercised"] == 2
+    assert document["all_hold"] is False and document["counts"]["not exercised"] == 3
     result.stdout.fnmatch_lines(["*never_compares*0/*not exercised*float output*"])
 
 
@@ -798,6 +806,10 @@ def test_not_exercised_expectation_names_why(pytester):
         test = "silently_returns"
         reason = "the same, for a silent property"
         not_exercised = true
+        [[expect]]
+        test = "rejects_everything"
+        reason = "this quantizer annotates none of these ops"
+        not_exercised = true
         """)
     result = pytester.runpytest("--qref-converter", "fakeconv:good", "--qref-report", "report.json",
                                 "--qref-expectations", "expect.toml")
@@ -810,7 +822,7 @@ def test_not_exercised_expectation_names_why(pytester):
 def test_not_exercised_fails_a_plain_pytest_run_too(pytester):
     pytester.makepyfile(test_counted=COUNTED)
     result = pytester.runpytest("-p", "no:randomly")
-    result.assert_outcomes(passed=2, failed=2)
+    result.assert_outcomes(passed=2, failed=3)
     result.stdout.fnmatch_lines(["*not exercised: 0 of * compared*"])
 
 
