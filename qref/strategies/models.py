@@ -15,6 +15,26 @@ matrices).
 * The strategies do the shape arithmetic, so every drawn spec builds, runs, exports with
   ``torch.export`` and traces with ``torch.fx``.  Layers are drawn as lists and the simplest
   choice comes first in every ``sampled_from``, so a failure shrinks to a one-layer network.
+
+Adding a layer kind is one :class:`Layer` subclass: a frozen dataclass whose fields are its
+parameters, with its op name, its shape rule and its module::
+
+    @dataclass(frozen=True, repr=False)
+    class Softmax(Layer):
+        dim: int = -1
+        op = "softmax"                  # its name in ModelSpec.ops (and the module's: self.softmax0)
+
+        def output_shape(self, shape):  # raise SpecError where the layer cannot apply
+            return shape
+
+        def module_source(self):
+            return f"nn.Softmax(dim={self.dim})"
+
+A kind with no module of its own (``Residual``, ``Cat``) overrides ``forward`` instead and lists
+its nested layer sequences in ``branches``.  ``init_parameters`` sets conv / linear weights and
+BatchNorm statistics; any other module keeps torch's initialisation, which must then be
+deterministic (or set by the kind's ``after_init``).  The strategies draw a new kind once
+``_block`` does.
 """
 
 from __future__ import annotations
@@ -24,7 +44,7 @@ import functools
 import linecache
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 from hypothesis import strategies as st
 
@@ -40,9 +60,12 @@ PATTERN_KINDS = ("conv", "conv_bn", "linear_act", "linear_bn", "add", "cat", "ma
 MAX_CHANNELS = 8
 MAX_SIDE = 12  # spatial sizes never exceed this (transposed convs grow them)
 MAX_FEATURES = 64  # flatten -> linear
-# Activation kinds and their modules, simplest first (failures shrink towards relu).
-_ACTIVATIONS = {"relu": "nn.ReLU()", "relu6": "nn.ReLU6()", "hardtanh": "nn.Hardtanh(-1.0, 1.0)",
-                "sigmoid": "nn.Sigmoid()", "tanh": "nn.Tanh()", "hardsigmoid": "nn.Hardsigmoid()"}
+
+
+# ---------------------------------------------------------------------------- layer kinds
+
+class SpecError(ValueError):
+    pass
 
 
 class _Node:
@@ -61,8 +84,52 @@ class _Node:
         printer.text(repr(self))
 
 
+class Layer(_Node):
+    """One layer kind: a frozen dataclass of its parameters that carries its own rules.
+
+    A kind sets ``op`` and ``output_shape``, then ``module_source`` if it is one ``nn.Module``,
+    or ``forward`` (and ``branches``) if it joins nested layer sequences.
+    """
+
+    op: ClassVar[str]  # op family in ModelSpec.ops, named like fixtures.zoo.ZooModel.ops
+    branches: ClassVar[tuple] = ()  # nested layer sequences (a residual body, cat branches)
+
+    @property
+    def module_name(self) -> str:
+        """Its module's attribute name, before the module number (``self.relu0``)."""
+        return self.op
+
+    def output_shape(self, shape: tuple) -> tuple:
+        """The shape rule: the output shape on an input of ``shape`` (SpecError if invalid)."""
+        raise NotImplementedError
+
+    def module_source(self) -> str:
+        """Source of its ``nn.Module``'s constructor."""
+        raise NotImplementedError
+
+    def after_init(self, module: str) -> list[str]:
+        """Statements on its built module (``module`` is e.g. ``model.bn0``) after init_parameters."""
+        return []
+
+    def forward(self, source: _Source, x: str) -> str:
+        """The expression of its output on the variable ``x``: by default, its module called."""
+        return f"self.{source.add_module(self)}({x})"
+
+
+def propagate(layers: Iterable, shape: tuple) -> tuple:
+    """Output shape of ``layers`` on an input of ``shape`` (raises :class:`SpecError`)."""
+    shape = tuple(shape)
+    for layer in layers:
+        if not isinstance(layer, Layer):
+            raise SpecError(f"unknown layer {layer!r}")
+        if len(shape) < 2:  # every shape rule may read the channels
+            raise SpecError(f"{layer!r} on shape {shape}: no channel dim")
+        shape = layer.output_shape(shape)
+    return shape
+
+
 @dataclass(frozen=True, repr=False)
-class Conv(_Node):
+class Conv(Layer):
     """``nn.Conv{dim}d`` or ``nn.ConvTranspose{dim}d`` (square kernels)."""
 
     in_channels: int
@@ -77,9 +144,47 @@ class Conv(_Node):
     output_padding: int = 0
     dim: int = 2
 
+    module_name = "conv"
+
+    @property
+    def op(self) -> str:
+        return "conv_transpose" if self.transpose else f"conv{self.dim}d"
+
+    def output_side(self, n: int) -> int:
+        """One spatial side of the output, from that side of the input."""
+        if self.transpose:
+            return ((n - 1) * self.stride - 2 * self.padding + self.dilation * (self.kernel_size - 1)
+                    + self.output_padding + 1)
+        return (n + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
+
+    def output_shape(self, shape: tuple) -> tuple:
+        if self.in_channels != shape[1] or len(shape) - 2 != self.dim:
+            raise SpecError(f"{self!r} on shape {shape}")
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise SpecError(f"groups do not divide channels: {self!r}")
+        out = tuple(self.output_side(s) for s in shape[2:])
+        if min(out) < 1:
+            raise SpecError(f"{self!r} on {shape} gives {out}")
+        return (shape[0], self.out_channels, *out)
+
+    def module_source(self) -> str:
+        cls = f"nn.ConvTranspose{self.dim}d" if self.transpose else f"nn.Conv{self.dim}d"
+        args = [str(self.in_channels), str(self.out_channels), f"kernel_size={self.kernel_size}"]
+        for name, default in (("stride", 1), ("padding", 0)):
+            if getattr(self, name) != default:
+                args.append(f"{name}={getattr(self, name)}")
+        if self.transpose and self.output_padding:
+            args.append(f"output_padding={self.output_padding}")
+        for name, default in (("groups", 1), ("dilation", 1)):  # ConvTranspose order: groups, bias, dilation
+            if getattr(self, name) != default:
+                args.append(f"{name}={getattr(self, name)}")
+        if not self.bias:
+            args.append("bias=False")
+        return f"{cls}({', '.join(args)})"
+
 
 @dataclass(frozen=True, repr=False)
-class BatchNorm(_Node):
+class BatchNorm(Layer):
     """``nn.BatchNorm{dim}d``; ``zero_gamma`` lists channels whose gamma is exactly 0."""
 
     num_features: int
@@ -88,151 +193,186 @@ class BatchNorm(_Node):
     zero_gamma: tuple = ()
     dim: int = 2
 
+    op = "bn"
+
+    def output_shape(self, shape: tuple) -> tuple:
+        ranks = (0, 1) if self.dim == 1 else (2,)  # BatchNorm1d: (N, C) or (N, C, L)
+        if self.num_features != shape[1] or len(shape) - 2 not in ranks:
+            raise SpecError(f"{self!r} on shape {shape}")
+        if any(not 0 <= i < shape[1] for i in self.zero_gamma):
+            raise SpecError(f"{self!r}: zero_gamma channel out of range")
+        return shape
+
+    def module_source(self) -> str:
+        return f"nn.BatchNorm{self.dim}d({self.num_features}, eps={self.eps!r}, momentum={self.momentum!r})"
+
+    def after_init(self, module: str) -> list[str]:
+        return [f"{module}.weight[{list(self.zero_gamma)!r}] = 0.0"] if self.zero_gamma else []
+
 
 @dataclass(frozen=True, repr=False)
-class Linear(_Node):
+class Linear(Layer):
     in_features: int
     out_features: int
     bias: bool = True
 
+    op = "linear"
+    module_name = "fc"
+
+    def output_shape(self, shape: tuple) -> tuple:
+        if len(shape) != 2 or self.in_features != shape[1]:
+            raise SpecError(f"{self!r} on shape {shape}")
+        return (shape[0], self.out_features)
+
+    def module_source(self) -> str:
+        return f"nn.Linear({self.in_features}, {self.out_features}" + ("" if self.bias else ", bias=False") + ")"
+
+
+# Activation kinds and their modules, simplest first (failures shrink towards relu).
+_ACTIVATIONS = {"relu": "nn.ReLU()", "relu6": "nn.ReLU6()", "hardtanh": "nn.Hardtanh(-1.0, 1.0)",
+                "sigmoid": "nn.Sigmoid()", "tanh": "nn.Tanh()", "hardsigmoid": "nn.Hardsigmoid()"}
+
 
 @dataclass(frozen=True, repr=False)
-class Act(_Node):
+class Act(Layer):
     """``relu`` (nn.ReLU), ``relu6`` (nn.ReLU6 = hardtanh(0, 6)), ``hardtanh`` (nn.Hardtanh(-1, 1)),
     ``sigmoid``, ``tanh`` and ``hardsigmoid`` (quantizers give their outputs fixed qparams)."""
 
     kind: str = "relu"
 
+    @property
+    def op(self) -> str:
+        return self.kind
+
+    def output_shape(self, shape: tuple) -> tuple:
+        if self.kind not in _ACTIVATIONS:
+            raise SpecError(f"unknown activation {self.kind!r}")
+        return shape
+
+    def module_source(self) -> str:
+        return _ACTIVATIONS[self.kind]
+
 
 @dataclass(frozen=True, repr=False)
-class Pool(_Node):
+class Pool(Layer):
     kind: str = "max"  # "max" | "avg"
     kernel_size: int = 2
     stride: int = 2
     dim: int = 2
 
+    op = "pool"
+
+    def output_shape(self, shape: tuple) -> tuple:
+        if len(shape) - 2 != self.dim:
+            raise SpecError(f"{self!r} on shape {shape}")
+        out = tuple((s - self.kernel_size) // self.stride + 1 for s in shape[2:])
+        if min(out) < 1:
+            raise SpecError(f"{self!r} on {shape} gives {out}")
+        return (*shape[:2], *out)
+
+    def module_source(self) -> str:
+        cls = f"nn.MaxPool{self.dim}d" if self.kind == "max" else f"nn.AvgPool{self.dim}d"
+        return f"{cls}({self.kernel_size}, stride={self.stride})"
+
 
 @dataclass(frozen=True, repr=False)
-class Flatten(_Node):
+class Flatten(Layer):
     """``nn.Flatten()`` (``torch.flatten(x, 1)``)."""
 
+    op = "flatten"
+
+    def output_shape(self, shape: tuple) -> tuple:
+        return (shape[0], math.prod(shape[1:]))
+
+    def module_source(self) -> str:
+        return "nn.Flatten()"
+
 
 @dataclass(frozen=True, repr=False)
-class Residual(_Node):
+class Residual(Layer):
     """``x + body(x)``; ``body`` keeps the shape."""
 
     body: tuple = ()
 
+    op = "add"
+
+    @property
+    def branches(self) -> tuple:
+        return (self.body,)
+
+    def output_shape(self, shape: tuple) -> tuple:
+        if propagate(self.body, shape) != shape:
+            raise SpecError(f"residual body changes the shape {shape}")
+        return shape
+
+    def forward(self, source: _Source, x: str) -> str:
+        return f"{x} + {source.emit(self.body, x)}"
+
 
 @dataclass(frozen=True, repr=False)
-class Cat(_Node):
-    """``torch.cat([left(x), right(x)], dim=1)``; an empty branch is the identity."""
+class _TwoBranches(Layer):
+    """Two layer sequences on the same input, joined; an empty branch is the identity."""
 
     left: tuple = ()
     right: tuple = ()
 
+    @property
+    def branches(self) -> tuple:
+        return (self.left, self.right)
+
 
 @dataclass(frozen=True, repr=False)
-class MatMul(_Node):
+class Cat(_TwoBranches):
+    """``torch.cat([left(x), right(x)], dim=1)``; an empty branch is the identity."""
+
+    op = "cat"
+
+    def output_shape(self, shape: tuple) -> tuple:
+        a, b = propagate(self.left, shape), propagate(self.right, shape)
+        if len(a) < 2 or a[:1] + a[2:] != b[:1] + b[2:]:
+            raise SpecError(f"cat branches disagree: {a} vs {b}")
+        return (shape[0], a[1] + b[1], *a[2:])
+
+    def forward(self, source: _Source, x: str) -> str:
+        left, right = source.emit(self.left, x), source.emit(self.right, x)
+        return f"torch.cat([{left}, {right}], dim=1)"
+
+
+@dataclass(frozen=True, repr=False)
+class MatMul(_TwoBranches):
     """``torch.matmul(left(x), right(x).transpose(-1, -2))``: a product of two activations (no
     weight), batched over all but the last two dims; an empty branch is the identity."""
 
-    left: tuple = ()
-    right: tuple = ()
+    op = "matmul"
+
+    def output_shape(self, shape: tuple) -> tuple:
+        a, b = propagate(self.left, shape), propagate(self.right, shape)
+        if len(a) < 3 or a[:-2] != b[:-2] or a[-1] != b[-1]:
+            raise SpecError(f"matmul branches do not multiply: {a} @ {b}^T")
+        return (*a[:-1], b[-2])
+
+    def forward(self, source: _Source, x: str) -> str:
+        left, right = source.emit(self.left, x), source.emit(self.right, x)
+        return f"torch.matmul({left}, {right}.transpose(-1, -2))"
 
 
-# ---------------------------------------------------------------------------- shape arithmetic
-
-def _conv_out(n: int, c: Conv) -> int:
-    if c.transpose:
-        return (n - 1) * c.stride - 2 * c.padding + c.dilation * (c.kernel_size - 1) + c.output_padding + 1
-    return (n + 2 * c.padding - c.dilation * (c.kernel_size - 1) - 1) // c.stride + 1
-
-
-def _pool_out(n: int, p: Pool) -> int:
-    return (n - p.kernel_size) // p.stride + 1
-
-
-class SpecError(ValueError):
-    pass
-
-
-def propagate(layers: Iterable, shape: tuple) -> tuple:
-    """Output shape of ``layers`` on an input of ``shape`` (raises :class:`SpecError`)."""
-    shape = tuple(shape)
-    for layer in layers:
-        n, c, spatial = shape[0], shape[1], shape[2:]
-        if isinstance(layer, Conv):
-            if layer.in_channels != c or len(spatial) != layer.dim:
-                raise SpecError(f"{layer!r} on shape {shape}")
-            if c % layer.groups or layer.out_channels % layer.groups:
-                raise SpecError(f"groups do not divide channels: {layer!r}")
-            out = tuple(_conv_out(s, layer) for s in spatial)
-            if min(out) < 1:
-                raise SpecError(f"{layer!r} on {shape} gives {out}")
-            shape = (n, layer.out_channels, *out)
-        elif isinstance(layer, BatchNorm):
-            ranks = (0, 1) if layer.dim == 1 else (2,)  # BatchNorm1d: (N, C) or (N, C, L)
-            if layer.num_features != c or len(spatial) not in ranks:
-                raise SpecError(f"{layer!r} on shape {shape}")
-            if any(not 0 <= i < c for i in layer.zero_gamma):
-                raise SpecError(f"{layer!r}: zero_gamma channel out of range")
-        elif isinstance(layer, Linear):
-            if len(spatial) != 0 or layer.in_features != c:
-                raise SpecError(f"{layer!r} on shape {shape}")
-            shape = (n, layer.out_features)
-        elif isinstance(layer, Act):
-            if layer.kind not in _ACTIVATIONS:
-                raise SpecError(f"unknown activation {layer.kind!r}")
-        elif isinstance(layer, Pool):
-            if len(spatial) != layer.dim:
-                raise SpecError(f"{layer!r} on shape {shape}")
-            out = tuple(_pool_out(s, layer) for s in spatial)
-            if min(out) < 1:
-                raise SpecError(f"{layer!r} on {shape} gives {out}")
-            shape = (n, c, *out)
-        elif isinstance(layer, Flatten):
-            shape = (n, math.prod(shape[1:]))
-        elif isinstance(layer, Residual):
-            if propagate(layer.body, shape) != shape:
-                raise SpecError(f"residual body changes the shape {shape}")
-        elif isinstance(layer, Cat):
-            a, b = propagate(layer.left, shape), propagate(layer.right, shape)
-            if len(a) < 2 or a[:1] + a[2:] != b[:1] + b[2:]:
-                raise SpecError(f"cat branches disagree: {a} vs {b}")
-            shape = (n, a[1] + b[1], *a[2:])
-        elif isinstance(layer, MatMul):
-            a, b = propagate(layer.left, shape), propagate(layer.right, shape)
-            if len(a) < 3 or a[:-2] != b[:-2] or a[-1] != b[-1]:
-                raise SpecError(f"matmul branches do not multiply: {a} @ {b}^T")
-            shape = (*a[:-1], b[-2])
-        else:
-            raise SpecError(f"unknown layer {layer!r}")
-    return shape
-
+# ---------------------------------------------------------------------------- the spec
 
 def _walk(layers):
+    """Every layer of ``layers``, nested ones included (depth first)."""
     for layer in layers:
         yield layer
-        if isinstance(layer, Residual):
-            yield from _walk(layer.body)
-        elif isinstance(layer, (Cat, MatMul)):
-            yield from _walk(layer.left)
-            yield from _walk(layer.right)
+        for branch in layer.branches:
+            yield from _walk(branch)
 
 
 def _sequences(layers):
     """``layers`` and every nested layer sequence (residual bodies, cat branches)."""
     yield tuple(layers)
     for layer in layers:
-        if isinstance(layer, Residual):
-            yield from _sequences(layer.body)
-        elif isinstance(layer, (Cat, MatMul)):
-            yield from _sequences(layer.left)
-            yield from _sequences(layer.right)
+        for branch in layer.branches:
+            yield from _sequences(branch)
 
-
-# ---------------------------------------------------------------------------- source generation
 
 _INIT_SOURCE = '''
 def init_parameters(model, seed):
@@ -262,83 +402,29 @@ def init_parameters(model, seed):
 '''
 
 
-def _ctor(layer) -> str:
-    if isinstance(layer, Conv):
-        cls = f"nn.ConvTranspose{layer.dim}d" if layer.transpose else f"nn.Conv{layer.dim}d"
-        args = [str(layer.in_channels), str(layer.out_channels), f"kernel_size={layer.kernel_size}"]
-        for name, default in (("stride", 1), ("padding", 0)):
-            if getattr(layer, name) != default:
-                args.append(f"{name}={getattr(layer, name)}")
-        if layer.transpose and layer.output_padding:
-            args.append(f"output_padding={layer.output_padding}")
-        for name, default in (("groups", 1), ("dilation", 1)):  # ConvTranspose order: groups, bias, dilation
-            if getattr(layer, name) != default:
-                args.append(f"{name}={getattr(layer, name)}")
-        if not layer.bias:
-            args.append("bias=False")
-        return f"{cls}({', '.join(args)})"
-    if isinstance(layer, BatchNorm):
-        return f"nn.BatchNorm{layer.dim}d({layer.num_features}, eps={layer.eps!r}, momentum={layer.momentum!r})"
-    if isinstance(layer, Linear):
-        return f"nn.Linear({layer.in_features}, {layer.out_features}" + ("" if layer.bias else ", bias=False") + ")"
-    if isinstance(layer, Act):
-        return _ACTIVATIONS[layer.kind]
-    if isinstance(layer, Pool):
-        cls = f"nn.MaxPool{layer.dim}d" if layer.kind == "max" else f"nn.AvgPool{layer.dim}d"
-        return f"{cls}({layer.kernel_size}, stride={layer.stride})"
-    if isinstance(layer, Flatten):
-        return "nn.Flatten()"
-    raise TypeError(layer)
+class _Source:
+    """The generated ``Model`` as the layers write it: modules, forward lines, after-init lines."""
 
-
-_SHORT = {Conv: "conv", BatchNorm: "bn", Linear: "fc", Pool: "pool", Flatten: "flatten"}
-
-
-class _Emitter:
     def __init__(self) -> None:
-        self.init_lines: list[str] = []
+        self.module_lines: list[str] = []
         self.forward_lines: list[str] = []
-        self.zero_gamma: list[str] = []
-        self.count = 0
-        self.tmp = 0
+        self.after_init_lines: list[str] = []
 
-    def name(self, layer, prefix: str) -> str:
-        short = layer.kind if isinstance(layer, Act) else _SHORT[type(layer)]
-        name = f"{prefix}{short}{self.count}"
-        self.count += 1
+    def add_module(self, layer: Layer) -> str:
+        """Registers ``layer``'s module and returns its attribute name (numbered in order)."""
+        name = f"{layer.module_name}{len(self.module_lines)}"
+        self.module_lines.append(f"self.{name} = {layer.module_source()}")
+        self.after_init_lines += layer.after_init(f"model.{name}")
         return name
 
-    def var(self, base: str) -> str:
-        self.tmp += 1
-        return f"{base}{self.tmp}"
-
-    def emit(self, layers, x: str, prefix: str = "") -> str:
+    def emit(self, layers, x: str) -> str:
+        """Forward lines of ``layers`` on ``x``, one variable per layer; returns the last one."""
         for layer in layers:
-            if isinstance(layer, Residual):
-                y = self.emit(layer.body, x, prefix)
-                out = self.var("x")
-                self.forward_lines.append(f"{out} = {x} + {y}")
-                x = out
-            elif isinstance(layer, (Cat, MatMul)):
-                a = self.emit(layer.left, x, prefix)
-                b = self.emit(layer.right, x, prefix)
-                out = self.var("x")
-                joined = (f"torch.cat([{a}, {b}], dim=1)" if isinstance(layer, Cat)
-                          else f"torch.matmul({a}, {b}.transpose(-1, -2))")
-                self.forward_lines.append(f"{out} = {joined}")
-                x = out
-            else:
-                name = self.name(layer, prefix)
-                self.init_lines.append(f"self.{name} = {_ctor(layer)}")
-                if isinstance(layer, BatchNorm) and layer.zero_gamma:
-                    self.zero_gamma.append(f"model.{name}.weight[{list(layer.zero_gamma)!r}] = 0.0")
-                out = self.var("x")
-                self.forward_lines.append(f"{out} = self.{name}({x})")
-                x = out
+            value = layer.forward(self, x)
+            x = f"x{len(self.forward_lines) + 1}"
+            self.forward_lines.append(f"{x} = {value}")
         return x
 
-
-# ---------------------------------------------------------------------------- the spec
 
 @dataclass(frozen=True, repr=False)
 class ModelSpec(_Node):
@@ -362,27 +448,7 @@ class ModelSpec(_Node):
     @property
     def ops(self) -> frozenset:
         """Coarse op families, named like ``fixtures.zoo.ZooModel.ops``."""
-        ops = set()
-        for layer in _walk(self.layers):
-            if isinstance(layer, Conv):
-                ops.add("conv_transpose" if layer.transpose else f"conv{layer.dim}d")
-            elif isinstance(layer, BatchNorm):
-                ops.add("bn")
-            elif isinstance(layer, Linear):
-                ops.add("linear")
-            elif isinstance(layer, Act):
-                ops.add(layer.kind)
-            elif isinstance(layer, Pool):
-                ops.add("pool")
-            elif isinstance(layer, Flatten):
-                ops.add("flatten")
-            elif isinstance(layer, Residual):
-                ops.add("add")
-            elif isinstance(layer, Cat):
-                ops.add("cat")
-            elif isinstance(layer, MatMul):
-                ops.add("matmul")
-        return frozenset(ops)
+        return frozenset(layer.op for layer in _walk(self.layers))
 
     def adjacent(self) -> list:
         """Every (layer, next layer) pair of every layer sequence, nested ones included."""
@@ -399,11 +465,11 @@ class ModelSpec(_Node):
 
     def to_python(self, docstring: bool = True) -> str:
         """Standalone PyTorch source: ``class Model``, ``init_parameters``, ``build_model()``."""
-        e = _Emitter()
-        out = e.emit(self.layers, "x")
-        init = "\n".join(f"        {line}" for line in e.init_lines) or "        pass"
-        forward = "\n".join(f"        {line}" for line in e.forward_lines)
-        zero = "".join(f"        {line}\n" for line in e.zero_gamma)
+        source = _Source()
+        out = source.emit(self.layers, "x")
+        init = "\n".join(f"        {line}" for line in source.module_lines) or "        pass"
+        forward = "\n".join(f"        {line}" for line in source.forward_lines)
+        after_init = "".join(f"        {line}\n" for line in source.after_init_lines)
         return (
             (f'"""Generated by qref.strategies.models from:\n{self!r}\n"""\n' if docstring else "")
             + "import math\n\n"
@@ -422,7 +488,7 @@ class ModelSpec(_Node):
             "def build_model(seed=SEED):\n"
             "    model = Model()\n"
             "    init_parameters(model, seed)\n"
-            + ("    with torch.no_grad():\n" + zero if zero else "")
+            + ("    with torch.no_grad():\n" + after_init if after_init else "")
             + "    return model\n"
         )
 
@@ -499,7 +565,7 @@ def _conv(draw, shape: tuple, ctx: _Ctx, *, keep_shape: bool = False, transpose=
                         cand = Conv(c, out_channels, k, s, p, d, g, bias, transpose, op, dim)
                         if op and op >= max(s, d):
                             continue
-                        out = [_conv_out(n, cand) for n in spatial]
+                        out = [cand.output_side(n) for n in spatial]
                         if out and (min(out) < 1 or max(out) > MAX_SIDE):
                             continue
                         if keep_shape and tuple(out) != tuple(spatial):
