@@ -134,12 +134,16 @@ class Subject:
             self.fail(case, cannot_run_message(error))
         return converted
 
-    def fail(self, case, message: str):
+    def fail(self, case, message: str, comparison=None):
         """Fail the property with ``message``, the case that shows it and a reproducer: one that
         runs the property again, or, if it draws more than :meth:`drew` names, one that shows the
-        plain conversion's comparison with qref's reference."""
+        plain conversion's comparison with qref's reference.  ``comparison`` (a
+        ``qref.compare.Comparison``): its points go to the report (first divergence, worst LSB
+        at each quantize point)."""
         replay = _replay_of(self.prop, self.arguments) if self.prop is not None else None
         self.record.reproducer(case.to_python(self.target, replay), case.tensors())
+        if comparison is not None:
+            self.record.divergence(divergence(comparison))
         pytest.fail(f"{message}\n\n{describe(case)}", pytrace=False)
 
 
@@ -208,6 +212,16 @@ class _CaseDraw:
 
     def draw(self, strategy, label=None):
         return self.case
+
+
+def divergence(comparison) -> dict:
+    """A comparison's points as plain data for the report: each point in graph order with its
+    worst error in LSB and its allowance, the first divergence, missing and extra points."""
+    points = [{"point": key, "kind": r.kind, "node": r.node, "lsb": r.max_lsb, "allowed": r.allowed, "ok": r.ok}
+              for key, r in [*((k, comparison.points[k]) for k in comparison.order if k in comparison.points),
+                             *comparison.outputs.items()]]
+    return {"first": comparison.first_divergence, "points": points,
+            "missing": list(comparison.missing), "extra": list(comparison.extra)}
 
 
 def cannot_run_message(error: Exception) -> str:

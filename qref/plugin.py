@@ -802,6 +802,7 @@ class QrefRecord:
         self.max_lsb_where: str | None = None
         self.notes: list[str] = []
         self.reproducer_data: dict | None = None
+        self.divergence_data: dict | None = None
 
     def lsb(self, value: float, where: str | None = None) -> None:
         """An observed error in LSB (so this example was compared); the report keeps the worst."""
@@ -820,6 +821,11 @@ class QrefRecord:
         """A standalone script and the tensors it loads from inputs.pt next to it (last call wins)."""
         self.reproducer_data = {"script": source, "tensors": dict(tensors)}
 
+    def divergence(self, points: dict) -> None:
+        """Where the failing example diverged: ``{"first", "points", "missing", "extra"}`` (last
+        call wins: Hypothesis replays the shrunk example last)."""
+        self.divergence_data = points
+
     def properties(self) -> list[tuple[str, object]]:
         props: list[tuple[str, object]] = []
         if self.max_lsb is not None:
@@ -830,6 +836,8 @@ class QrefRecord:
             props.append(("qref_notes", list(self.notes)))
         if self.reproducer_data is not None:
             props.append(("qref_reproducer", self.reproducer_data))
+        if self.divergence_data is not None:
+            props.append(("qref_divergence", self.divergence_data))
         return props
 
 

@@ -52,6 +52,7 @@ class TestOutcome:
     max_lsb_where: str | None = None
     notes: list[str] = field(default_factory=list)
     reproducer: dict | None = None  # script text and tensor metadata (never the tensors)
+    divergence: dict | None = None  # failing comparison: first divergence, worst LSB per point
     artifact: str | None = None  # directory with repro.py and inputs.pt
     expectation: int | None = None  # index of the expectations entry that matched
     duration: float = 0.0
@@ -102,6 +103,8 @@ class Outcomes:
                 out.notes.extend(n for n in value if n not in out.notes)
             elif key == "qref_reproducer":
                 out.reproducer = value
+            elif key == "qref_divergence":
+                out.divergence = value
         self._classify(out, report)
 
     @staticmethod
