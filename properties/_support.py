@@ -168,7 +168,7 @@ def replay(module: str, name: str, target: str, case, arguments: dict) -> int:
     import inspect
 
     from qref.converters import resolve
-    from qref.plugin import QrefRecord
+    from qref.plugin.record import QrefRecord
 
     from hypothesis import Phase, Verbosity, given, settings
     from hypothesis import strategies as st

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 from hypothesis import HealthCheck, Phase, settings
 
 from ._support import PROFILES
@@ -45,28 +44,3 @@ def pytest_configure(config):
         # examples of earlier runs (the database would differ between machines and runs).
         settings.register_profile(name, parent=settings.get_profile(name), database=None)
     settings.load_profile(name)
-
-
-def pytest_collection_modifyitems(config, items):
-    """A plain ``pytest`` run (plugin inert) applies the default expectations, like ``qref check``."""
-    import importlib.metadata
-
-    from qref.plugin import _active, accept_not_exercised, expect_failure
-
-    if _active(config):
-        return  # the plugin applies the expectations it was given
-    from importlib.resources import files
-
-    from qref.expectations import load
-
-    torchao = importlib.metadata.version("torchao")
-    entries = [e for e in load(files("qref") / "default_expectations.toml")
-               if e.kind in ("xfail", "not-exercised")
-               and e.inactive_because(torch.__version__, None, None, torchao) is None]
-    apply = {"xfail": expect_failure, "not-exercised": accept_not_exercised}
-    for item in items:
-        name = getattr(item, "originalname", None) or item.name.split("[")[0]
-        for kind in apply:
-            found = next((e for e in entries if e.kind == kind and e.matches(item.nodeid, name)), None)
-            if found is not None:
-                apply[kind](item, found)
