@@ -48,6 +48,7 @@ class TestOutcome:
     flow: str | None = None
     status: str = "passed"
     reason: str | None = None  # skip/xfail reason, or the failure's one-line message
+    message: str | None = None  # a failure's whole message (the case that shows it, ...)
     max_lsb: float | None = None
     max_lsb_where: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -115,6 +116,7 @@ class Outcomes:
         wasxfail = getattr(report, "wasxfail", None)
         if report.failed:
             out.status, out.reason = "failed", _failure_line(report)
+            out.message = _failure_text(report)
             if out.reason.startswith(NOT_EXERCISED_PREFIX):
                 out.status, out.reason = "not exercised", out.reason[len(NOT_EXERCISED_PREFIX):]
         elif report.when == "call" and wasxfail is not None:
@@ -149,12 +151,18 @@ def _skip_reason(report: Any) -> str:
     return reason.removeprefix("Skipped: ")
 
 
+def _failure_text(report: Any) -> str:
+    crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
+    text = (getattr(crash, "message", None) or str(report.longrepr or "")).strip()
+    return text.removeprefix("Failed: ")[:4000]  # pytest.fail's own prefix says nothing
+
+
 def _failure_line(report: Any) -> str:
     crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
     message = getattr(crash, "message", None) or str(report.longrepr or "")
     lines = [line for line in message.splitlines() if line.strip()]
     prefix = "" if report.when == "call" else f"error in {report.when}: "
-    return prefix + (lines[0].strip() if lines else "failed")
+    return prefix + (lines[0].strip().removeprefix("Failed: ") if lines else "failed")
 
 
 # --- the table -----------------------------------------------------------------------------------

@@ -44,12 +44,13 @@ class Tally:
     REJECTED = "rejected (assume/reject without a cause)"
     SILENT = "returned without comparing (no cause given)"
 
-    def __init__(self) -> None:
+    def __init__(self, on_example=None) -> None:
         self.drawn = 0
         self.compared = 0
         self.causes: Counter[str] = Counter()
         self._compared_now = False
         self._cause_now: str | None = None
+        self._on_example = on_example  # called with this tally after each example (live progress)
 
     def counting(self, body):
         """``body`` (a test function or a Hypothesis test's inner test), counting each call as one
@@ -79,6 +80,8 @@ class Tally:
             self.compared += 1
         else:
             self.causes[self._cause_now or (self.REJECTED if rejected else self.SILENT)] += 1
+        if self._on_example is not None:
+            self._on_example(self)
 
     @property
     def exercised(self) -> bool:

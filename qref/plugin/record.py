@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-
 TALLY = pytest.StashKey[object]()  # on a property: its qref.tally.Tally
 
 
@@ -17,7 +16,9 @@ def pytest_runtest_call(item: pytest.Item):
         return
     from qref.tally import Tally
 
-    tally = item.stash[TALLY] = Tally()
+    from .console import progress_writer
+
+    tally = item.stash[TALLY] = Tally(progress_writer(item.nodeid))
     given = getattr(item.obj, "hypothesis", None)
     if given is not None:  # Hypothesis reads inner_test at each call: wrap the body it runs
         body, given.inner_test = given.inner_test, tally.counting(given.inner_test)
