@@ -217,9 +217,13 @@ class _CaseDraw:
 def divergence(comparison) -> dict:
     """A comparison's points as plain data for the report: each point in graph order with its
     worst error in LSB and its allowance, the first divergence, missing and extra points."""
-    points = [{"point": key, "kind": r.kind, "node": r.node, "lsb": r.max_lsb, "allowed": r.allowed, "ok": r.ok}
-              for key, r in [*((k, comparison.points[k]) for k in comparison.order if k in comparison.points),
-                             *comparison.outputs.items()]]
+    def point(key, r):
+        if r is None:  # quantized in the reference only: in graph order, not comparable
+            return {"point": key, "kind": None, "node": None, "lsb": None, "allowed": None, "ok": False}
+        return {"point": key, "kind": r.kind, "node": r.node, "lsb": r.max_lsb, "allowed": r.allowed, "ok": r.ok}
+
+    points = [point(k, comparison.points.get(k)) for k in comparison.order]
+    points += [point(k, r) for k, r in comparison.outputs.items()]
     return {"first": comparison.first_divergence, "points": points,
             "missing": list(comparison.missing), "extra": list(comparison.extra)}
 

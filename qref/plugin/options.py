@@ -22,6 +22,7 @@ OPTIONS = {
     "qref_profile": "--qref-profile",
     "qref_engine": "--qref-engine",
     "qref_report": "--qref-report",
+    "qref_html": "--qref-html",
     "qref_artifacts": "--qref-artifacts",
     "qref_expectations": "--qref-expectations",
     "qref_expected_as_skip": "--qref-expected-as-skip",
@@ -62,6 +63,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="quantized engine to exercise (repeatable; default: every engine that runs here)",
     )
     group.addoption("--qref-report", metavar="FILE.json", help="write the conformance report as JSON")
+    group.addoption("--qref-html", metavar="FILE.html",
+                    help="write the conformance report as one self-contained HTML page (failures with their "
+                    "model code, first divergence and a plot of the error at each quantize point)")
     group.addoption(
         "--qref-artifacts",
         metavar="DIR",

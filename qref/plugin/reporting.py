@@ -94,19 +94,23 @@ class Controller:
             state.environment["profile"] = current_profile(self.config)
         if state.environment.get("example_database") is None:
             state.environment["example_database"] = example_database_in_use()
+        if state.report_path is None and state.html_path is None:
+            return
+        document = _report.build_json(
+            converter=converter_json(state),
+            environment=state.environment,
+            outcomes=state.outcomes.outcomes(),
+            expectations=self._expectations_json(),
+            exit_status=int(exitstatus),
+            collection_errors=state.collection_errors,
+        )
         if state.report_path is not None:
-            document = _report.build_json(
-                converter=converter_json(state),
-                environment=state.environment,
-                outcomes=state.outcomes.outcomes(),
-                expectations=self._expectations_json(),
-                exit_status=int(exitstatus),
-                collection_errors=state.collection_errors,
-            )
             state.report_path.parent.mkdir(parents=True, exist_ok=True)
-            state.report_path.write_text(
-                json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8"
-            )
+            state.report_path.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+        if state.html_path is not None:
+            from qref.html_report import write
+
+            write(json.loads(json.dumps(document, default=str)), state.html_path)
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         state, tr = self.state, terminalreporter
@@ -126,6 +130,8 @@ class Controller:
             tr.write_line(f"qref expectation matched no test: test = {e.test!r} ({e.reason})", yellow=True)
         if state.report_path is not None:
             tr.write_line(f"qref report: {state.report_path}")
+        if state.html_path is not None:
+            tr.write_line(f"qref html report: {state.html_path}")
         if state.artifacts_dir is not None and state.artifacts_dir.exists():
             tr.write_line(f"qref reproducers: {state.artifacts_dir}")
 

@@ -30,6 +30,7 @@ class State:
     matched: set[int] = field(default_factory=set)  # entry indexes that matched a collected test
     expectations_file: str | None = None
     report_path: Path | None = None
+    html_path: Path | None = None
     artifacts_dir: Path | None = None
     # lower-tier failures seen in this process: (tier rank, tier, flow, nodeid)
     failures: list[tuple[int, str, str | None, str]] = field(default_factory=list)
@@ -127,6 +128,8 @@ def _configure(config: pytest.Config, state: State) -> None:
     here = config.invocation_params.dir
     if opt.qref_report:
         state.report_path = (here / opt.qref_report).resolve()
+    if opt.qref_html:
+        state.html_path = (here / opt.qref_html).resolve()
     if opt.qref_artifacts:
         state.artifacts_dir = (here / opt.qref_artifacts).resolve()
     if opt.qref_expectations:
