@@ -32,7 +32,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["fold_conv_bn", "fold_conv_bn_weights"]
+__all__ = ["fold_conv_bn", "fold_conv_bn_weights", "fold_linear_bn_weights"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -166,3 +166,49 @@ def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
     bias_grad = conv.bias.requires_grad if conv.bias is not None else conv.weight.requires_grad
     folded.bias = nn.Parameter(b, requires_grad=bias_grad)
     return folded
+
+
+def fold_linear_bn_weights(
+    linear_w: torch.Tensor,
+    linear_b: torch.Tensor | None,
+    bn_rm: torch.Tensor,
+    bn_rv: torch.Tensor,
+    bn_eps: float,
+    bn_w: torch.Tensor | None,
+    bn_b: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold eval-mode BatchNorm1d statistics into a Linear's weight ``[out, in]`` and bias.
+
+    Output feature ``c`` is row ``c`` of the weight, so with ``s = gamma * rsqrt(var + eps)``::
+
+        w' = w * s[:, None]
+        b' = (b - mean) * s + beta     # the scale is formed first, unlike the conv bias
+
+    That is the order of ``torch.nn.utils.fusion.fuse_linear_bn_weights`` (what FX QAT's
+    ``LinearBn1d`` conversion computes), so results are bit-identical to it; note that it
+    differs from the conv order above, ``((b - mean) * r) * gamma``, in the last bit.
+    ``None`` means: no bias (0), non-affine BN (gamma 1, beta 0). Returns new tensors in the
+    dtypes of ``linear_w`` and ``linear_b`` (``linear_w``'s if no bias).
+    """
+    if linear_w.dim() != 2:
+        raise ValueError(f"linear weight must be 2-d [out, in], got shape {tuple(linear_w.shape)}")
+    out_features = linear_w.shape[0]
+    for name, t in (("running_mean", bn_rm), ("running_var", bn_rv), ("bn weight", bn_w),
+                    ("bn bias", bn_b), ("linear bias", linear_b)):
+        if t is not None and t.shape != (out_features,):
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}, expected ({out_features},) "
+                "= the linear's output features"
+            )
+    w_dtype = linear_w.dtype
+    b_dtype = linear_b.dtype if linear_b is not None else w_dtype
+    if linear_b is None:
+        linear_b = torch.zeros_like(bn_rm)
+    if bn_w is None:
+        bn_w = torch.ones_like(bn_rm)
+    if bn_b is None:
+        bn_b = torch.zeros_like(bn_rm)
+    scale = bn_w * torch.rsqrt(bn_rv + bn_eps)
+    w = linear_w * scale.unsqueeze(-1).to(w_dtype)
+    b = ((linear_b - bn_rm) * scale + bn_b).to(b_dtype)
+    return w, b

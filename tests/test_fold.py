@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
-from qref.fold import fold_conv_bn, fold_conv_bn_weights
+from qref.fold import fold_conv_bn, fold_conv_bn_weights, fold_linear_bn_weights
 
 CONVS = {
     "conv1d": (nn.Conv1d, nn.BatchNorm1d, 1),
@@ -218,3 +218,75 @@ def test_conv_mode_and_grad_flags_are_kept():
     folded = fold_conv_bn(conv, bn)
     assert folded.training and conv.training
     assert folded.weight.requires_grad and isinstance(folded.bias, nn.Parameter)
+
+
+# --- Linear + BatchNorm1d (FX QAT LinearBn1d) ------------------------------------------
+
+
+def _linear_bn_args(seed, dtype=torch.float32, out=7, none=""):
+    gen = _gen(seed)
+    w = torch.randn(out, 5, generator=gen, dtype=dtype)
+    t = {n: torch.randn(out, generator=gen, dtype=dtype) for n in ("b", "rm", "bn_w", "bn_b")}
+    rv = torch.rand(out, generator=gen, dtype=dtype) + 0.05
+    for n in filter(None, none.split(",")):
+        t[n] = None
+    return w, t["b"], t["rm"], rv, 1e-3, t["bn_w"], t["bn_b"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_bn_weights_bit_equal_to_torch(dtype, bias):
+    from torch.nn.utils.fusion import fuse_linear_bn_weights
+
+    args = _linear_bn_args(3, dtype, none="" if bias else "b")
+    w_ref, b_ref = fuse_linear_bn_weights(*args)
+    w_got, b_got = fold_linear_bn_weights(*args)
+    assert w_got.dtype == w_ref.dtype and b_got.dtype == b_ref.dtype
+    assert torch.equal(w_got, w_ref) and torch.equal(b_got, b_ref)
+    assert not isinstance(w_got, nn.Parameter)
+
+
+def test_linear_bn_bias_order_is_not_the_conv_order():
+    """Why a separate function: the conv order ((b - mean) * r) * gamma rounds differently from
+    the linear order (b - mean) * (gamma * r) for some inputs, and torch's LinearBn1d uses the latter."""
+    differs = False
+    for seed in range(20):
+        w, b, rm, rv, eps, bn_w, bn_b = _linear_bn_args(seed, out=64)
+        _, b_linear = fold_linear_bn_weights(w, b, rm, rv, eps, bn_w, bn_b)
+        _, b_conv = fold_conv_bn_weights(w[:, :, None], b, rm, rv, eps, bn_w, bn_b)
+        differs |= not torch.equal(b_linear, b_conv)
+    assert differs
+
+
+@pytest.mark.parametrize("none", ["", "b", "bn_w", "bn_b", "b,bn_w,bn_b"])
+def test_linear_bn_fold_matches_unfused(none):
+    """``linear(x, w', b') == bn(linear(x, w, b))`` in float64, within the rounding of a
+    K-term dot product: 4 * (K + 8) * u * M, M the magnitude of the terms (as error_bound)."""
+    w, b, rm, rv, eps, bn_w, bn_b = _linear_bn_args(5, torch.float64, none=none)
+    bn = nn.BatchNorm1d(w.shape[0], eps=eps, affine=bn_w is not None or bn_b is not None).double().eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(rm)
+        bn.running_var.copy_(rv)
+        if bn.affine:
+            bn.weight.copy_(bn_w if bn_w is not None else torch.ones_like(rm))
+            bn.bias.copy_(bn_b if bn_b is not None else torch.zeros_like(rm))
+    x = torch.randn(9, w.shape[1], generator=_gen(6), dtype=torch.float64)
+    fw, fb = fold_linear_bn_weights(w, b, rm, rv, eps, bn_w, bn_b)
+    got = torch.nn.functional.linear(x, fw, fb)
+    want = bn(torch.nn.functional.linear(x, w, b))
+    gamma = bn_w if bn_w is not None else torch.ones_like(rm)
+    beta = bn_b if bn_b is not None else torch.zeros_like(rm)
+    s = (gamma / torch.sqrt(rv + eps)).abs()
+    b_abs = b.abs() if b is not None else 0.0
+    magnitude = s * (x.abs() @ w.abs().T + b_abs + rm.abs()) + beta.abs()
+    assert torch.all((got - want).abs() <= 4 * (w.shape[1] + 8) * 2.0**-53 * magnitude)
+
+
+def test_linear_bn_errors():
+    w = torch.randn(6, 4)
+    with pytest.raises(ValueError, match="2-d"):
+        fold_linear_bn_weights(torch.randn(6, 4, 1), None, torch.zeros(6), torch.ones(6), 1e-5, None, None)
+    with pytest.raises(ValueError, match=r"expected \(6,\)"):
+        fold_linear_bn_weights(w, None, torch.zeros(5), torch.ones(5), 1e-5, None, None)
+    with pytest.raises(ValueError, match="linear bias"):
+        fold_linear_bn_weights(w, torch.zeros(4), torch.zeros(6), torch.ones(6), 1e-5, None, None)

@@ -14,6 +14,9 @@ correct, only slower:
   dq -> sigmoid/tanh/hardsigmoid -> q      fixed-qparams quantized op
   dq -> ConvTranspose/BN/ELU/... -> q      quantized module or quantized:: op with output qparams
 A node whose qconfig is None is never lowered.
+The quantized modules are the kernels under test, not the conversion: qref builds each through
+its constructor, quantizes the weight itself (``quantized_weight``) and hands it over with
+``set_weight_bias`` and the output ``scale``/``zero_point`` attributes; no ``from_reference``.
 Not lowered (left in reference form): functional F.linear/F.conv* with weights as graph inputs.
 """
 
@@ -32,7 +35,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.ao.quantization.quantization_mappings import get_quantized_operator
 
-from .weighted import set_module
+from .. import observers
+from .weighted import geometry, set_module
 
 STATIC = {nnqr.Linear: nnq.Linear, nnqr.Conv1d: nnq.Conv1d, nnqr.Conv2d: nnq.Conv2d, nnqr.Conv3d: nnq.Conv3d}
 # fused float module -> (the reference module it must hold, the quantized module)
@@ -88,15 +92,132 @@ PASSTHROUGH = (
      nn.AvgPool2d, nn.AvgPool3d, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
      nn.ReLU, nn.ReLU6, nn.ChannelShuffle, nn.Identity, nn.PixelShuffle, nn.PixelUnshuffle},
 )  # fmt: skip
+
+
+# --- building the quantized modules -----------------------------------------------
+
+
+def quantized_weight(ref) -> torch.Tensor:
+    """A reference module's float weight in its own weight qparams:
+    ``q = clamp(round(w / scale) + zero_point, dtype min, dtype max)`` per tensor, or per channel
+    along ``weight_axis`` (embeddings: the float-zero-point variant of the same affine map).
+
+    Clamped to the dtype's range, not to the observer's quant_min/quant_max: the qparams were
+    chosen for this weight's range, and the reference module's own forward (which the lowered
+    model must equal) clamps the same way.
+    """
+    qscheme, dtype = ref.weight_qscheme, ref.weight_dtype
+    if qscheme == torch.per_tensor_affine:
+        return torch.quantize_per_tensor(ref.weight, ref.weight_scale, ref.weight_zero_point, dtype)
+    if qscheme in (torch.per_channel_affine, torch.per_channel_affine_float_qparams):
+        return torch.quantize_per_channel(
+            ref.weight, ref.weight_scale, ref.weight_zero_point, ref.weight_axis_int, dtype
+        )
+    raise ValueError(f"qref cannot lower a weight with qscheme {qscheme} and dtype {dtype}")
+
+
+# Constructor keywords beyond the geometry: (module as matched, its reference part) -> kwargs.
+_EXTRA_KWARGS = {
+    nniq.LinearLeakyReLU: lambda module, ref: {"negative_slope": module[1].negative_slope},
+    nnqd.Linear: lambda module, ref: {"dtype": ref.weight_dtype},
+    nniqd.LinearReLU: lambda module, ref: {"dtype": ref.weight_dtype},
+}
+
+
+def build_weighted(cls, module, scale=None, zero_point=None):
+    """A quantized Linear/Conv/ConvTranspose (plain, fused or dynamic) of class ``cls``.
+
+    ``module`` is the reference module or the fused module holding it first; the result has
+    its geometry, its weight quantized by ``quantized_weight``, its float bias, and (static
+    only) the output ``scale``/``zero_point`` of the quantize node that followed it.
+    """
+    ref = module[0] if isinstance(module, nni._FusedModule) else module
+    kwargs = _EXTRA_KWARGS.get(cls, lambda *_: {})(module, ref)
+    if not isinstance(ref, nn.Linear):  # a Linear's bias comes with set_weight_bias only
+        kwargs.update(geometry(ref), bias=ref.bias is not None, device=ref.weight.device, dtype=ref.weight.dtype)
+    else:
+        kwargs.update(in_features=ref.in_features, out_features=ref.out_features)
+    quantized = cls(**kwargs)
+    quantized.set_weight_bias(quantized_weight(ref), ref.bias)
+    if scale is not None:
+        quantized.scale, quantized.zero_point = float(scale), int(zero_point)
+    return quantized
+
+
+def build_weight_only(cls, ref):
+    """A quantized Embedding(Bag): the reference's geometry and its weight in its qparams."""
+    kwargs = geometry(ref)
+    if cls is nnq.EmbeddingBag:
+        del kwargs["padding_idx"]  # the quantized EmbeddingBag takes none
+    return cls(**kwargs, _weight=quantized_weight(ref), dtype=ref.weight_dtype)
+
+
+def _batch_norm(cls):
+    """A quantized BatchNorm (or BN+ReLU) sharing the float BN's affine parameters and statistics."""
+
+    def build(module, scale, zero_point):
+        bn = module[0] if isinstance(module, nni._FusedModule) else module
+        # no device/dtype: every tensor of the new module is replaced by the float BN's own
+        quantized = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum)
+        quantized.weight, quantized.bias = bn.weight, bn.bias
+        quantized.running_mean, quantized.running_var = bn.running_mean, bn.running_var
+        quantized.scale, quantized.zero_point = scale, zero_point  # its buffers: tensors
+        return quantized
+
+    return build
+
+
+def _instance_norm(cls):
+    def build(m, scale, zero_point):
+        return cls(m.num_features, m.weight, m.bias, float(scale), int(zero_point), eps=m.eps, affine=m.affine)
+
+    return build
+
+
+def _prelu(m, scale, zero_point):
+    """Quantized PReLU: its slope quantized per tensor to quint8 (what the kernel takes) with the
+    qparams qref reads from a fresh weight observer of the module's qconfig that observed the slope.
+
+    The default mappings give PReLU a quint8 per-tensor weight observer; with another dtype the
+    qparams do not fit quint8 (torch warns and goes on; qref does the same computation).
+    """
+    qconfig = getattr(m, "qconfig", None)
+    if qconfig is None:
+        raise ValueError("qref: a PReLU to lower needs its qconfig (for its weight observer)")
+    slope = m.weight.float()
+    observer = qconfig.weight()
+    observer(slope)
+    q = observers.observer_qparams(observer)
+    quantized = nnq.PReLU(float(scale), int(zero_point), m.num_parameters)
+    quantized.set_weight(torch.quantize_per_tensor(slope, float(q.scale), int(q.zero_point), torch.quint8))
+    return quantized
+
+
+def _conv_transpose(cls):
+    return lambda module, scale, zero_point: build_weighted(cls, module, scale, zero_point)
+
+
+# module class -> (module, output scale, output zero point) -> its quantized module
 SPECIAL_MODULES = {
-    nn.BatchNorm2d: nnq.BatchNorm2d, nn.BatchNorm3d: nnq.BatchNorm3d,
-    nnqr.ConvTranspose1d: nnq.ConvTranspose1d, nnqr.ConvTranspose2d: nnq.ConvTranspose2d,
-    nnqr.ConvTranspose3d: nnq.ConvTranspose3d, nn.ELU: nnq.ELU, nn.LeakyReLU: nnq.LeakyReLU,
-    nn.Hardswish: nnq.Hardswish, nn.InstanceNorm1d: nnq.InstanceNorm1d,
-    nn.InstanceNorm2d: nnq.InstanceNorm2d, nn.InstanceNorm3d: nnq.InstanceNorm3d,
-    nn.LayerNorm: nnq.LayerNorm, nn.Dropout: nnq.Dropout, nn.Softmax: nnq.Softmax,
-    nn.PReLU: nnq.PReLU, nni.BNReLU2d: nniq.BNReLU2d, nni.BNReLU3d: nniq.BNReLU3d,
+    nn.BatchNorm2d: _batch_norm(nnq.BatchNorm2d), nn.BatchNorm3d: _batch_norm(nnq.BatchNorm3d),
+    nni.BNReLU2d: _batch_norm(nniq.BNReLU2d), nni.BNReLU3d: _batch_norm(nniq.BNReLU3d),
+    nnqr.ConvTranspose1d: _conv_transpose(nnq.ConvTranspose1d),
+    nnqr.ConvTranspose2d: _conv_transpose(nnq.ConvTranspose2d),
+    nnqr.ConvTranspose3d: _conv_transpose(nnq.ConvTranspose3d),
+    nn.ELU: lambda m, s, z: nnq.ELU(float(s), int(z), alpha=m.alpha),
+    nn.LeakyReLU: lambda m, s, z: nnq.LeakyReLU(float(s), int(z), negative_slope=m.negative_slope, inplace=m.inplace),
+    nn.Hardswish: lambda m, s, z: nnq.Hardswish(float(s), int(z)),
+    nn.InstanceNorm1d: _instance_norm(nnq.InstanceNorm1d),
+    nn.InstanceNorm2d: _instance_norm(nnq.InstanceNorm2d),
+    nn.InstanceNorm3d: _instance_norm(nnq.InstanceNorm3d),
+    nn.LayerNorm: lambda m, s, z: nnq.LayerNorm(m.normalized_shape, m.weight, m.bias, float(s), int(z),
+                                                eps=m.eps, elementwise_affine=m.elementwise_affine),
+    nn.Dropout: lambda m, s, z: nnq.Dropout(p=m.p, inplace=m.inplace),
+    nn.Softmax: lambda m, s, z: nnq.Softmax(dim=m.dim, scale=float(s), zero_point=int(z)),
+    nn.PReLU: _prelu,
 }  # fmt: skip
+
+
 # quantized:: ops that take fewer arguments than their float op.
 DROP_KWARGS = {
     torch.ops.quantized.hardswish: ("inplace",), torch.ops.quantized.elu: ("inplace",),
@@ -185,7 +306,7 @@ def lower_weighted_modules(g: _Graph) -> None:
         if len(ref.args) != (2 if two_inputs else 1):
             continue
         _, scale, zero_point, _ = q.args
-        set_module(g.model, ref.target, cls.from_reference(module, g.attr(scale), g.attr(zero_point)))
+        set_module(g.model, ref.target, build_weighted(cls, module, g.attr(scale), g.attr(zero_point)))
         _bypass_dequantize(ref, ref.args)
         # torch drops an unfused ReLU here, which is only right when the zero point is the
         # dtype's minimum; ReLU on the quantized output is exact in every case.
@@ -206,7 +327,7 @@ def lower_dynamic_modules(g: _Graph) -> None:
             continue
         if dynamic_q.args[1] not in (torch.quint8, torch.qint8):
             continue
-        set_module(g.model, ref.target, cls.from_reference(module))
+        set_module(g.model, ref.target, build_weighted(cls, module))
         ref.replace_input_with(dq, dynamic_q.args[0])
 
 
@@ -214,7 +335,7 @@ def lower_weight_only_modules(g: _Graph) -> None:
     for node in g.graph.nodes:
         cls = WEIGHT_ONLY.get(type(g.module(node)))
         if cls is not None:
-            set_module(g.model, node.target, cls.from_reference(g.module(node)))
+            set_module(g.model, node.target, build_weight_only(cls, g.module(node)))
 
 
 def lower_binary_ops(g: _Graph) -> None:
@@ -275,9 +396,7 @@ def lower_quantized_tensor_ops(g: _Graph) -> None:
         qparams = q.args[1:]
         module = g.module(ref)
         if is_quantize(q) and type(module) in SPECIAL_MODULES:
-            quantized = SPECIAL_MODULES[type(module)].from_reference(
-                module, g.attr(qparams[0]), g.attr(qparams[1])
-            )
+            quantized = SPECIAL_MODULES[type(module)](module, g.attr(qparams[0]), g.attr(qparams[1]))
             set_module(g.model, ref.target, quantized)
         for dq in inputs:
             ref.replace_input_with(dq, dq.args[0])
