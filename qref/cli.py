@@ -3,6 +3,11 @@
 Exit status: 0 when every property holds (expected failures from the expectations file excepted),
 1 when any fails or is left unrun, 2 for a usage error (one line on stderr saying what to fix).
 Everything after ``--`` goes to pytest unchanged (``-x``, ``-k EXPR``, ``-n 2``, ...).
+
+The suite runs in a pytest-xdist worker process (``-n 1`` unless the pytest arguments choose
+``-n``/``--numprocesses``, ``-p no:xdist`` or ``--pdb``), with :mod:`qref.isolation`: a
+converter that crashes the process fails the property that was running and a new worker runs
+the rest.  Without pytest-xdist installed the suite runs in this process, and says so.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["main", "suite_dir", "pytest_args"]
+__all__ = ["main", "suite_dir", "pytest_args", "isolation_args"]
 
 _DESCRIPTION = """\
 Run qref's property suite against CONVERTER and print a conformance table
@@ -38,6 +43,10 @@ arguments it does not accept are not exercised (the report says which).
 _EPILOG = """\
 exit status: 0 every property holds (expected failures excepted), 1 some property
 fails or was not run, 2 usage error.
+
+The suite runs in a pytest-xdist worker process (-n 1): a converter that crashes it
+(segfault, abort, os._exit) fails the property that was running, and a new worker
+runs the rest.  `-- -n 0` runs it in this process instead.
 
 examples:
   qref check torchao-pt2e
@@ -162,6 +171,57 @@ def pytest_args(options: argparse.Namespace, flow: str, suite: Path, passthrough
     return args + passthrough
 
 
+# pytest options whose value is the next argument (so that e.g. `-k -n` is not read as -n)
+_TAKES_VALUE = {"-k", "-m", "-p", "-c", "-o", "-W", "--rootdir", "--confcutdir", "--maxfail",
+                "--deselect", "--ignore", "--basetemp", "--dist", "--max-worker-restart", "--tx"}
+
+
+def _passthrough_options(passthrough: list[str]) -> tuple[set[str], list[str]]:
+    """The option names among pytest arguments (values skipped) and the plugins given with -p."""
+    names: set[str] = set()
+    plugins: list[str] = []
+    args = iter(passthrough)
+    for arg in args:
+        if arg == "--":
+            break
+        if not arg.startswith("-"):
+            continue
+        name, eq, value = arg.partition("=")
+        if name.startswith("--"):
+            names.add(name)
+            if not eq and name in _TAKES_VALUE:
+                value = next(args, "")
+            if name == "--numprocesses":
+                names.add("-n")
+        else:
+            name, value = arg[:2], arg[2:]
+            names.add(name)
+            if not value and name in _TAKES_VALUE | {"-n"}:
+                value = next(args, "")
+        if name == "-p":
+            plugins.append(value)
+    return names, plugins
+
+
+def isolation_args(passthrough: list[str]) -> tuple[list[str], str | None]:
+    """pytest arguments that run the suite in a worker process that a crash cannot take down,
+    and a note for the user when that is not possible (``None``: isolated)."""
+    names, plugins = _passthrough_options(passthrough)
+    if "no:xdist" in plugins:
+        return [], "the suite runs in this process (-p no:xdist): a converter that crashes it ends the run"
+    if importlib.util.find_spec("xdist") is None:
+        return [], ("pytest-xdist is not installed, so the suite runs in this process: a converter that "
+                    "crashes it ends the run without a report (pip install pytest-xdist)")
+    args = ["-p", "qref.isolation"]
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") and "xdist.plugin" not in plugins:
+        args = ["-p", "xdist.plugin", *args]
+    if "-n" in names:
+        return args, None  # the user's choice of workers (-n 0: in this process)
+    if names & {"--pdb", "--trace"}:
+        return args, None  # a debugger needs the tests in this process
+    return [*args, "-n", "1"], None
+
+
 def _usage_error(message: str) -> int:
     print(f"qref check: error: {message}", file=sys.stderr)
     return 2
@@ -198,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import pytest
 
-    status = pytest.main(pytest_args(options, converter.flow, suite, passthrough))
+    isolation, note = isolation_args(passthrough)
+    if note is not None:
+        print(f"qref check: {note}", file=sys.stderr)
+    # before the user's arguments, which come last and so win
+    status = pytest.main(pytest_args(options, converter.flow, suite, isolation + passthrough))
     if status == pytest.ExitCode.OK:
         return 0
     if status == pytest.ExitCode.USAGE_ERROR:

@@ -39,6 +39,8 @@ __all__ = [
     "ConverterMisbehaved",
     "UsageError",
     "call_guarded",
+    "global_state",
+    "observe_calls",
     "resolve",
 ]
 
@@ -57,17 +59,19 @@ class UsageError(Exception):
 
 
 class ConverterMisbehaved(Exception):
-    """The converter raised, timed out or returned the wrong type.
+    """The converter raised, timed out, returned the wrong type, exited or changed global state.
 
-    ``kind`` is one of ``"raised"``, ``"timeout"``, ``"wrong-type"``.  A property that lets this
-    propagate fails with a message that says which.
+    ``kind`` is one of ``"raised"``, ``"timeout"``, ``"wrong-type"``, ``"exited"`` (it called
+    ``sys.exit``), ``"changed-global-state"`` (it left torch's process-wide settings changed; they
+    are restored before this is raised).  A property that lets this propagate fails with a
+    message that says which.
     """
 
-    KINDS = ("raised", "timeout", "wrong-type")
+    KINDS = ("raised", "timeout", "wrong-type", "exited", "changed-global-state")
 
     def __init__(self, kind: str, message: str):
         assert kind in self.KINDS, kind
-        super().__init__(f"converter {kind}: {message}")
+        super().__init__(message)  # the property's failure says "the converter <kind>: <message>"
         self.kind = kind
         self.message = message
 
@@ -326,6 +330,13 @@ def call_guarded(converter: Converter, model, *, timeout: float | None = None, *
     ``timeout`` (seconds) is enforced with SIGALRM in the main thread; elsewhere (and on platforms
     without ``setitimer``) the call runs without a limit.  A timer already running (e.g.
     pytest-timeout's) is restored afterwards with its remaining time.
+
+    A ``sys.exit()`` inside the converter is kind ``"exited"``.  The torch settings of
+    :func:`global_state` are read as the call starts: whatever the converter changed is written
+    back however the call ends, and, when it returned, is kind ``"changed-global-state"`` naming
+    each change (``quantized engine fbgemm -> qnnpack, threads 2 -> 1``).  A crash of the process
+    itself cannot be caught here: ``qref check`` runs the suite in a worker process that is
+    replaced when it dies (:mod:`qref.isolation`).
     """
     if timeout is not None and timeout > 0 and _can_time_out():
         result = _call_with_alarm(converter, model, timeout, kwargs)
@@ -336,14 +347,105 @@ def call_guarded(converter: Converter, model, *, timeout: float | None = None, *
 
 
 def _call(converter: Converter, model, kwargs):
+    before = global_state()
+    observer = _observer
+    if observer is not None:
+        observer(True)
     try:
-        return converter(model, **kwargs)
-    except _Timeout:
+        result = converter(model, **kwargs)
+    except (_Timeout, KeyboardInterrupt):
+        _restore(before)
         raise
+    except SystemExit as exc:
+        # BaseException: `except Exception` misses it, and it would end the suite's process
+        _restore(before)
+        raise ConverterMisbehaved("exited", f"converter called {_exit_call(exc)}") from None
     except Exception as exc:
+        _restore(before)
         raise ConverterMisbehaved(
             "raised", f"{converter.target} raised {type(exc).__name__}: {_one_line(exc)}"
         ) from exc
+    finally:
+        if observer is not None:
+            observer(False)
+    changed = _restore(before)
+    if changed:
+        raise ConverterMisbehaved("changed-global-state", f"converter changed global state: {changed}")
+    return result
+
+
+def _exit_call(exc: SystemExit) -> str:
+    return "sys.exit()" if exc.code is None else f"sys.exit({exc.code!r})"
+
+
+# --- process-global state a converter must leave as it found it --------------------------------
+#
+# (name in messages, read, write, format).  Properties compare kernels under a pinned engine and
+# thread count, in float32, with grad mode as the property set it: a converter that changes these
+# for the rest of the process changes what the following properties measure.  Each is read and,
+# if changed, written back around every converter call (a few microseconds).
+
+
+def _on_off(value: bool) -> str:
+    return "on" if value else "off"
+
+
+def _state_items():
+    import torch
+
+    return (
+        ("quantized engine", lambda: torch.backends.quantized.engine,
+         lambda v: setattr(torch.backends.quantized, "engine", v), str),
+        ("threads", torch.get_num_threads, torch.set_num_threads, str),
+        ("default dtype", torch.get_default_dtype, torch.set_default_dtype, str),
+        ("grad mode", torch.is_grad_enabled, torch.set_grad_enabled, _on_off),
+        ("deterministic algorithms",
+         lambda: (torch.are_deterministic_algorithms_enabled(),
+                  torch.is_deterministic_algorithms_warn_only_enabled()),
+         lambda v: torch.use_deterministic_algorithms(v[0], warn_only=v[1]),
+         lambda v: ("warn only" if v[1] else "on") if v[0] else "off"),
+        ("float32 matmul precision", torch.get_float32_matmul_precision,
+         torch.set_float32_matmul_precision, str),
+        ("anomaly detection", lambda: (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()),
+         lambda v: torch.set_anomaly_enabled(*v), lambda v: _on_off(v[0])),
+    )  # fmt: skip
+
+
+_STATE_ITEMS = None
+
+
+def global_state() -> dict:
+    """The process-global torch settings a converter must not change, by name."""
+    global _STATE_ITEMS
+    if _STATE_ITEMS is None:
+        _STATE_ITEMS = _state_items()
+    return {name: read() for name, read, _, _ in _STATE_ITEMS}
+
+
+def _restore(before: dict) -> str:
+    """Write back what changed since ``before``; say what (``""``: nothing changed)."""
+    changes = []
+    for name, read, write, show in _STATE_ITEMS:
+        now = read()
+        if now != before[name]:
+            changes.append(f"{name} {show(before[name])} -> {show(now)}")
+            try:
+                write(before[name])
+            except Exception as exc:  # noqa: BLE001 - say so rather than hide it
+                changes[-1] += f" (not restored: {type(exc).__name__}: {_one_line(exc)})"
+    return ", ".join(changes)
+
+
+_observer: Callable[[bool], None] | None = None
+
+
+def observe_calls(observer: Callable[[bool], None] | None) -> Callable[[bool], None] | None:
+    """Have ``observer(True)`` called as each converter call starts and ``observer(False)`` as it
+    ends (``None``: stop); returns the previous observer.  ``qref.isolation`` uses it to tell a
+    crash inside the converter from one elsewhere."""
+    global _observer
+    previous, _observer = _observer, observer
+    return previous
 
 
 def _call_with_alarm(converter: Converter, model, timeout: float, kwargs):

@@ -68,7 +68,7 @@ def test_help(tmp_path):
     assert check.returncode == 0
     for text in ("qref check CONVERTER", "torchao-pt2e", "torch-fx", "module:attr", "qref.converters",
                  "--flow", "--profile", "--engine", "--report", "--artifacts", "--expectations",
-                 "--seed", "--timeout", "exit status", "PYTEST_ARGS"):  # fmt: skip
+                 "--seed", "--timeout", "exit status", "PYTEST_ARGS", "pytest-xdist worker process"):  # fmt: skip
         assert text in check.stdout, text
 
 
@@ -79,11 +79,14 @@ FAKE_SUITE = {
     "test_props.py": """
         import pytest
 
+        from qref import tally
+
         pytestmark = [pytest.mark.qref_family("equivalence"), pytest.mark.qref_flow("pt2e")]
 
         @pytest.mark.qref_tier("ops")
         def test_holds(qref_converter):
             assert qref_converter.target.endswith("convert")
+            tally.compared()  # an example that compared nothing would be "not exercised"
 
         @pytest.mark.qref_tier("ops")
         def test_known_issue():
@@ -93,6 +96,7 @@ FAKE_SUITE = {
         def test_model(qref_converter):
             import os
             assert not os.environ.get("FAIL_MODEL"), "model diverges"
+            tally.compared()
 
         @pytest.mark.qref_flow("fx")
         def test_fx_only():
@@ -143,8 +147,9 @@ def test_check_exits_0_when_all_hold_from_an_unrelated_directory(project):
     result = launch(suite, work, "check", "mine:convert", "--expectations", "expect.toml",
                     "--report", "out.json")  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "created: 1/1 worker" in result.stdout  # isolated by default: a crash cannot end the run
     assert "qref conformance: mine:convert (pt2e)" in result.stdout
-    assert "expected failure: documented divergence" in result.stdout
+    assert "expected failure: documented" in result.stdout  # (cut to the terminal's width)
     document = json.loads((work / "out.json").read_text())
     assert document["all_hold"] is True and document["converter"]["target"] == "mine:convert"
     assert not (work / ".pytest_cache").exists()
@@ -152,19 +157,22 @@ def test_check_exits_0_when_all_hold_from_an_unrelated_directory(project):
 
 def test_check_exits_1_when_a_property_fails(project):
     suite, work = project
-    result = launch(suite, work, "check", "mine:convert", "--expectations", "expect.toml",
+    result = launch(suite, work, "check", "mine:convert", "--expectations", "expect.toml", "--", "-n", "0",
                     env_extra={"FAIL_MODEL": "1"})  # fmt: skip
     assert result.returncode == 1
     assert "model diverges" in result.stdout
+    assert "worker" not in result.stdout  # the user's -n 0: in this process
 
 
 def test_check_uses_the_default_expectations_and_passes_pytest_args(project):
     suite, work = project
     # The default list does not know test_known_issue, so it fails -> 1; with -k it is not run.
-    result = launch(suite, work, "check", "mine:convert")
+    result = launch(suite, work, "check", "mine:convert", "--", "-p", "no:xdist")
     assert result.returncode == 1
     assert "expectation matched no test: test = 'qat_prepare_keeps_bn_eps*'" in result.stdout
-    result = launch(suite, work, "check", "mine:convert", "--", "-k", "not known_issue")
+    assert result.stderr.splitlines() == [
+        "qref check: the suite runs in this process (-p no:xdist): a converter that crashes it ends the run"]
+    result = launch(suite, work, "check", "mine:convert", "--", "-k", "not known_issue", "-n", "0")
     assert result.returncode == 0, result.stdout
 
 
@@ -193,14 +201,18 @@ def test_default_expectations_file_is_valid():
 
     entries = load(cli.default_expectations())
     assert [e.test for e in entries] == ["qat_prepare_keeps_bn_eps*", "reference_representation_*",
-                                         "qat_fake_quant_trains_with_the_qparams_convert_uses*"]
+                                         "qat_fake_quant_trains_with_the_qparams_convert_uses*",
+                                         "fx_prepared_model_not_silently_changed*"]
     assert entries[0].matches("properties/test_folding.py::test_qat_prepare_keeps_bn_eps_and_momentum")
     assert "prepare_qat_pt2e" in entries[0].reason and entries[0].kind == "xfail"
     assert entries[0].converter is None  # a prepare-stage defect: whatever the converter
     # torchao's own defect: excused for torchao-pt2e only, and only for that failure
     assert entries[1].converter == "torchao-pt2e" and entries[1].failure
-    assert entries[1].inactive_because("2.13.0", [], "qref-pt2e") is not None
-    assert entries[1].inactive_because("2.13.0", [], "torchao-pt2e") is None
+    assert entries[1].inactive_because("2.13.0", [], "qref-pt2e", "0.18.0") is not None
+    assert entries[1].inactive_because("2.13.0", [], "torchao-pt2e", "0.18.0") is None
+    assert entries[1].inactive_because("2.13.0", [], "torchao-pt2e", "0.19.0") is not None
+    # torch 2.13's convert_fx re-observing QAT weights in place: torch-fx only, that message only
+    assert entries[3].converter == "torch-fx" and "weight_fake_quant" in entries[3].failure
     # torch 2.13's fused fake-quant: a training-stage defect, whatever the converter, pinned to
     # the precondition's own message and to the torch release it was seen on
     assert entries[2].failure == "PRECONDITION" and "pinned in tests/test_qparams.py" in entries[2].reason
@@ -412,3 +424,53 @@ def test_call_guarded_off_the_main_thread_runs_without_a_limit():
     thread.start()
     thread.join()
     assert len(outcome) == 1
+
+
+# --- isolation: the suite runs in a worker process that a crash of the converter cannot end ------
+
+ISOLATED = ["-p", "qref.isolation", "-n", "1"]
+
+
+@pytest.mark.parametrize("passthrough, added", [
+    ([], ISOLATED),
+    (["-x", "-k", "equivalence"], ISOLATED),
+    (["-k", "-n"], ISOLATED),  # a -k expression, not the option
+    (["-n", "2"], ["-p", "qref.isolation"]),  # the user's workers, still with crash reports
+    (["-n2"], ["-p", "qref.isolation"]),
+    (["-nauto"], ["-p", "qref.isolation"]),
+    (["--numprocesses=3"], ["-p", "qref.isolation"]),
+    (["--numprocesses", "0"], ["-p", "qref.isolation"]),
+    (["--pdb"], ["-p", "qref.isolation"]),  # a debugger needs the tests in this process
+    (["-p", "no:xdist"], []),
+    (["-pno:xdist"], []),
+])
+def test_isolation_args(passthrough, added, monkeypatch):
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    args, note = cli.isolation_args(passthrough)
+    assert args == added
+    assert (note is None) == bool(added)
+
+
+def test_isolation_loads_xdist_when_plugins_are_not_autoloaded(monkeypatch):
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert cli.isolation_args([]) == (["-p", "xdist.plugin", *ISOLATED], None)
+
+
+def test_without_xdist_the_suite_runs_in_process_and_says_so(monkeypatch):
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "xdist" else real(name, *a))
+    args, note = cli.isolation_args([])
+    assert args == [] and "pytest-xdist is not installed" in note and "\n" not in note
+
+
+def test_check_runs_pytest_isolated_before_the_users_arguments(monkeypatch, capsys):
+    import pytest as pytest_module
+
+    seen = []
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.setattr(pytest_module, "main", lambda args: seen.append(args) or pytest_module.ExitCode.OK)
+    assert cli.main(["check", "qref-pt2e", "--", "-k", "holds"]) == 0
+    assert seen[0][-6:] == [*ISOLATED, "-k", "holds"]
+    assert cli.main(["check", "qref-pt2e", "--", "-n", "2"]) == 0
+    assert seen[1][-4:] == ["-p", "qref.isolation", "-n", "2"] and seen[1].count("-n") == 1
+    assert capsys.readouterr().err == ""
