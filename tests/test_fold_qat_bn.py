@@ -379,3 +379,78 @@ def test_ptq_graph_without_bn_passes_through():
     assert fold_qat_conv_bn(ref) is ref
     assert ref.code == code
     assert _fold_conv_bn_qat(ref) is ref and ref.code == code
+
+
+# ----------------------------------------------------------------------------
+# the folding property's restored eps/momentum (properties/test_folding.py)
+# ----------------------------------------------------------------------------
+
+
+def test_restoring_bn_eps_and_momentum_gives_the_graph_a_keeping_prepare_would():
+    """``test_conv_bn_matches_float_model`` writes the model's own BatchNorm eps and momentum back
+    into a ``prepare_qat_pt2e`` graph (torchao 0.18 writes 1e-5 / 0.1 there) before calibration.
+    That is legitimate only if it changes nothing but those literals and then computes the
+    model's own BatchNorm: with fake-quantization off, the restored graph trains the running
+    statistics exactly like the float model in train mode and agrees with its eval output; the
+    graph as torchao prepared it does neither."""
+    from torchao.quantization.pt2e import disable_fake_quant
+
+    from properties.test_folding import _prepared_bn_settings, _set_bn_settings
+    from qref.pt2e.eval_mode import move_to_eval
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Branch("c2", eps=0.1, momentum=0.3)
+    example = (inputs(0)[1],)
+    as_prepared = prepare_qat_pt2e(torch.export.export(copy.deepcopy(model).train(), example).module(),
+                                   _xnnpack(True))
+    restored = copy.deepcopy(as_prepared)
+    _set_bn_settings(restored, 0.1, 0.3)
+    assert _prepared_bn_settings(as_prepared) == [(0.1, 1e-5)]
+    assert _prepared_bn_settings(restored) == [(0.3, 0.1)]
+    changed = [(a.target, a.args, b.args) for a, b in zip(as_prepared.graph.nodes, restored.graph.nodes, strict=True)
+               if a.format_node() != b.format_node()]
+    assert [t for t, _, _ in changed] == [aten.add.Tensor, aten.batch_norm.default]  # sqrt(var + eps), the BN
+    assert changed[0][1][1] == 1e-5 and changed[0][2][1] == 0.1
+    assert changed[1][1][6:8] == (0.1, 1e-5) and changed[1][2][6:8] == (0.3, 0.1)
+
+    float_model = copy.deepcopy(model).train()
+    for gm in (as_prepared, restored):
+        gm.apply(disable_fake_quant)
+    with torch.no_grad():
+        for step in range(3):
+            x = inputs(100 + step)[1]
+            float_model(x), as_prepared(x), restored(x)
+    bn = float_model.bn
+    assert torch.allclose(restored.bn.running_var, bn.running_var, rtol=1e-6, atol=0)
+    assert torch.allclose(restored.bn.running_mean, bn.running_mean, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(as_prepared.bn.running_var, bn.running_var, rtol=1e-3, atol=0)  # momentum 0.1
+
+    # eval (qref's move_to_eval: torchao's move_exported_model_to_eval rewrites the batch norm
+    # from a pattern with the default eps, see below), then the float model's output
+    move_to_eval(restored)
+    float_model.eval()
+    x = inputs(7)[1]
+    with torch.no_grad():
+        expected, got = float_model(x), restored(x)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (got - expected).abs().max()
+
+
+def test_torchao_move_to_eval_resets_bn_eps():
+    """torchao 0.18's ``move_exported_model_to_eval`` rewrites a train-mode batch norm from a
+    traced pattern with ``ignore_literals=True``: the eval batch norm gets the pattern's eps 1e-5
+    (export_utils.py "TODO(Leslie): ... fails to support custom momentum and eps"), so the
+    QAT property evaluates with qref's ``move_to_eval``, which keeps each op's arguments."""
+    from properties.test_folding import _prepared_bn_settings, _set_bn_settings
+    from qref.pt2e.eval_mode import move_to_eval
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Branch("c2", eps=0.1, momentum=0.3)
+    gm = prepare_qat_pt2e(torch.export.export(model.train(), (inputs(0)[1],)).module(), _xnnpack(True))
+    _set_bn_settings(gm, 0.1, 0.3)
+    theirs, ours = copy.deepcopy(gm), copy.deepcopy(gm)
+    move_exported_model_to_eval(theirs)
+    move_to_eval(ours)
+    assert [eps for _, eps in _prepared_bn_settings(ours)] == [0.1]
+    assert [eps for _, eps in _prepared_bn_settings(theirs)] == [1e-5]

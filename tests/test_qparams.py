@@ -143,7 +143,8 @@ def test_corrupt_statistics_are_a_clear_error():
 
 @pytest.mark.xfail(strict=True, reason="torch 2.13's fused_moving_avg_obs_fake_quant computes the scale without the "
                    "observer's eps and does not update it on an all-zero range, so QAT trains with other qparams "
-                   "than conversion uses (test_converted_matches_qat_model skips such examples)")
+                   "than conversion uses (test_converted_matches_qat_model evaluates the QAT model with the "
+                   "observer's qparams instead)")
 @pytest.mark.parametrize("batch", [torch.zeros(4), torch.full((4,), 1e-4)], ids=["zero range", "range below eps"])
 def test_fused_fake_quant_trains_with_its_observers_qparams(batch):
     fq = ao_fq.FusedMovingAvgObsFakeQuantize(observer=ao_obs.MovingAverageMinMaxObserver, quant_min=0,
@@ -152,6 +153,52 @@ def test_fused_fake_quant_trains_with_its_observers_qparams(batch):
     fq(batch)
     scale, zero_point = fq.calculate_qparams()
     assert torch.equal(fq.scale, scale) and torch.equal(fq.zero_point, zero_point.to(fq.zero_point.dtype))
+
+
+def _x86_weight_fake_quant():
+    """torchao's X86 QAT weight fake-quant: fused, per-channel symmetric int8 [-128, 127]."""
+    return ao_fq.FusedMovingAvgObsFakeQuantize(observer=ao_obs.MovingAveragePerChannelMinMaxObserver,
+                                               quant_min=-128, quant_max=127, dtype=torch.qint8,
+                                               qscheme=torch.per_channel_symmetric, ch_axis=0)
+
+
+def test_fused_fake_quant_gives_a_same_signed_channel_affine_qparams():
+    """torch 2.13's fused kernel chooses per-channel qparams with "preserve sparsity" only where a
+    channel has both signs: a channel of a *symmetric* weight whose values are all positive gets
+    affine qparams (zero point -128, scale max/255), while its observer (and conversion) keeps
+    zero point 0 and scale max/127.5; a channel with both signs gets max/128.  Seen on X86 QAT Linear weights with 3 inputs (zero points
+    -128/127 in test_qat_fake_quant_trains_with_the_qparams_convert_uses); the QAT property
+    evaluates the QAT model with the observer's qparams for this reason."""
+    fq = _x86_weight_fake_quant()
+    fq.train()
+    w = torch.tensor([[0.1, 0.2, 0.3], [-0.3, 0.1, 0.2]])
+    fq(w)
+    scale, zero_point = fq.calculate_qparams()
+    assert zero_point.tolist() == [0, 0]
+    assert fq.zero_point.tolist() == [-128, 0]  # the all-positive channel 0: affine
+    assert torch.allclose(fq.scale[0], torch.tensor(0.3 / 255)) and torch.allclose(scale[0], torch.tensor(0.3 / 127.5))
+    # a channel with both signs: symmetric, but max/128 where the observer has max/127.5 (the
+    # "fractions of a percent" of the README)
+    assert fq.zero_point[1] == 0
+    assert torch.allclose(fq.scale[1], torch.tensor(0.3 / 128)) and torch.allclose(scale[1], torch.tensor(0.3 / 127.5))
+
+
+def test_fused_fake_quant_recomputes_its_qparams_with_the_observer_disabled():
+    """Why the QAT property replaces the fused fake-quant's forward to evaluate with the
+    observer's qparams: writing scale/zero_point does nothing, the kernel recomputes them from its
+    running min/max on every call, observer disabled or not."""
+    fq = _x86_weight_fake_quant()
+    fq.train()
+    w = torch.tensor([[0.1, 0.2, 0.3], [-0.3, 0.1, 0.2]])
+    fq(w)
+    trained = fq.scale.clone()
+    fq.eval()
+    fq.disable_observer()
+    fq.scale.copy_(fq.calculate_qparams()[0])
+    fq.zero_point.zero_()
+    assert not torch.equal(fq.scale, trained)
+    fq(w)
+    assert torch.equal(fq.scale, trained) and fq.zero_point.tolist() == [-128, 0]
 
 
 @pytest.mark.parametrize("max_batch", [1, 16 * 2048, 10**9])
