@@ -21,8 +21,18 @@ Points, and how they are keyed so that two converters' graphs line up:
   (torchao's QAT fold calls a conv ``conv1d`` where qref keeps ``conv1d_1``) are paired in
   order when their names differ only in the numeric suffix and each such group has as many
   unpaired points on both sides; whatever stays unpaired is missing or extra.
+* lowered point (``compare`` of lowered FX models): every module or op that takes quantized
+  tensors and returns one, keyed by module path (or node name for an op), compared with its
+  output qparams.
 * outputs ``"output[i]"``: compared in LSB of the output scale when the reference output is a
-  dequantize; NaN/inf in the candidate is a failure of its own.
+  dequantize; NaN/inf in the candidate is a failure of its own. A float output is compared bit
+  for bit, or under a relaxed tolerance within the allowed steps times the scale of each quantize
+  feeding it through non-expanding float ops (``_float_bound``).
+
+Integers are not all a point promises: a point whose dtype or qparams differ from the
+reference's fails even where every integer agrees (and the message says what differs, by how
+much); a lowered op may carry other qparams only where the reference graph allows them
+(``_other_grids``: the input's grid of an op without weights, a sigmoid's fixed qparams).
 
 A point's *depth* is the number of requantizations between the graph inputs and it, itself
 included (the input quantize and weights: 0); a depth budget allows more steps further in.
@@ -36,6 +46,7 @@ maximum is reported whether or not the check passes.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import re
@@ -61,6 +72,8 @@ __all__ = [
     "output_quantization",
     "compare",
     "compare_lowered",
+    "ModuleInput",
+    "qparams_difference",
 ]
 
 _INT_DTYPES = {torch.int8, torch.uint8, torch.int16, torch.int32} | {
@@ -324,6 +337,14 @@ def _argument_name(gm: fx.GraphModule, user: fx.Node, node: fx.Node) -> str:
     return "?"
 
 
+def _lowered_op(n: fx.Node, args, kwargs, result) -> bool:
+    """A call on quantized tensors that returns one (a lowered FX module or quantized op)."""
+    if not (isinstance(result, Tensor) and result.is_quantized) or _is_quantize(n):
+        return False
+    values, _ = pytree.tree_flatten((args, kwargs))
+    return any(isinstance(v, Tensor) and v.is_quantized for v in values)
+
+
 @dataclass
 class _Point:
     key: str
@@ -343,6 +364,7 @@ class _Output:
     qparams: QParams | None  # set when the output is a dequantize
     floats: list = field(default_factory=list)
     ints: list = field(default_factory=list)  # the dequantize's integer input, per batch
+    leaf: Any = None  # the graph node returned
 
 
 class _Recorder(fx.Interpreter):
@@ -355,7 +377,7 @@ class _Recorder(fx.Interpreter):
     """
 
     def __init__(self, gm: fx.GraphModule, modules: dict | None = None, force: dict | None = None,
-                 rename: dict | None = None):
+                 rename: dict | None = None, lowered_ops: bool = False):
         super().__init__(gm, garbage_collect_values=False)
         self.gm = gm
         self.constant = _constant_nodes(gm.graph)
@@ -367,6 +389,7 @@ class _Recorder(fx.Interpreter):
         self.modules = modules or {}
         self.force = force or {}
         self.rename = rename or {}  # own key -> the reference's (see _pairs)
+        self.lowered_ops = lowered_ops  # every op on quantized tensors is a point (lowered FX)
         self._own_keys: set[str] = set()
         self.batch = 0
 
@@ -424,6 +447,11 @@ class _Recorder(fx.Interpreter):
             if isinstance(result, Tensor) and result.is_quantized:  # else: not lowered, "missing"
                 self._add_point(n, self.modules[n.target], "module", depth + 1, _tensor_qparams(result), n)
                 depth += 1
+        elif self.lowered_ops and calls and _lowered_op(n, args, kwargs, result):
+            # a lowered module or op (quantized in, quantized out): its own output is a point
+            kind, base = ("module", n.target) if n.op == "call_module" else ("op", n.name)
+            self._add_point(n, self._new_key(base), kind, depth + 1, _tensor_qparams(result), n)
+            depth += 1
         elif calls and first is not None and _is_int(first_value) and first in self.constant and (
             _is_dequantize(n) or _is_float(result)
         ):
@@ -445,7 +473,7 @@ class _Recorder(fx.Interpreter):
 
     def _add_point(self, n, key, kind, depth, qparams, named: fx.Node) -> None:
         self.key_of[n] = key
-        node = n.target if kind == "module" else n.name
+        node = n.target if n.op == "call_module" else n.name
         self.points[key] = _Point(key, node, kind, depth, qparams, self.position[named])
 
     def _classify_outputs(self, n: fx.Node) -> None:
@@ -456,7 +484,7 @@ class _Recorder(fx.Interpreter):
             if _is_dequantize(leaf):
                 args, kwargs = self.fetch_args_kwargs_from_env(leaf)
                 qparams = _qparams(leaf, args, kwargs, None)
-            self.outputs.append(_Output(f"output[{i}]", depth, qparams))
+            self.outputs.append(_Output(f"output[{i}]", depth, qparams, leaf=leaf))
 
     def _record(self, n: fx.Node, args, result) -> None:
         key = self.key_of.get(n)
@@ -506,10 +534,10 @@ def _batches(batches) -> list[tuple]:
 
 
 def _run(gm: fx.GraphModule, batches, modules: dict | None = None, force: dict | None = None,
-         rename: dict | None = None) -> _Recorder:
+         rename: dict | None = None, lowered_ops: bool = False) -> _Recorder:
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"expected a torch.fx.GraphModule, got {type(gm).__name__}")
-    recorder = _Recorder(gm, modules, force, rename)
+    recorder = _Recorder(gm, modules, force, rename, lowered_ops)
     for batch in _batches(batches):
         recorder.run_batch(batch)
     return recorder
@@ -565,6 +593,8 @@ class PointResult:
     note: str = ""  # why not comparable, NaN in the candidate, float outputs, ...
     max_abs: float | None = None  # float outputs only: largest |difference|
     nonfinite: int = 0  # outputs only: NaN/inf elements the candidate has beyond the reference's
+    mismatch: str = ""  # what differs besides the integers (dtype, qparams): a failure of its own
+    bound: float | None = None  # float outputs only: the largest |difference| allowed
 
 
 def _judge(
@@ -580,7 +610,10 @@ def _judge(
     expected_qparams: QParams | None = None,
     got_qparams: QParams | None = None,
     note: str = "",
+    keeps: tuple = (),
 ) -> PointResult:
+    """``keeps``: other qparams the reference graph shows the point may legitimately carry (see
+    _other_grids); values on them are compared on the reference's grid."""
     allowed = tolerance.allowed(depth)
     common = dict(key=key, kind=kind, node=node, depth=depth, allowed=allowed,
                   expected_qparams=expected_qparams, got_qparams=got_qparams)  # fmt: skip
@@ -593,14 +626,18 @@ def _judge(
         return PointResult(max_lsb=None, differing=0, elements=0, beyond=0, ok=False,
                            note=f"ran {len(got)} times in the candidate, {len(expected)} in the reference",
                            **common)  # fmt: skip
-    notes = [note] if note else []
+    notes, mismatch = ([note] if note else []), []
     if expected and expected[0].dtype != got[0].dtype:
-        notes.append(f"dtype {expected[0].dtype} in the reference, {got[0].dtype} in the candidate")
-    if kind == "module" and _regridded(expected_qparams, got_qparams):
-        # A lowered op may legitimately keep its input's qparams (e.g. hardtanh, whose output
-        # the next op requantizes): its values are compared on the reference's grid.
+        mismatch.append(f"dtype {got[0].dtype} in the candidate, {expected[0].dtype} in the reference")
+    differ = qparams_difference(expected_qparams, got_qparams)
+    if differ and any(qparams_difference(k, got_qparams) is None for k in keeps):
+        # a lowered op that keeps its input's qparams (e.g. hardtanh, whose output the next op
+        # requantizes), as the reference graph allows: its values are compared on the reference's grid
         got = [_on_grid(g, got_qparams, expected_qparams) for g in got]
-        notes.append("the lowered module keeps other qparams: compared on the reference's grid")
+        notes.append("the lowered op carries qparams the reference graph allows it (its input's, or its "
+                     "fixed ones): compared on the reference's grid")
+    elif differ:
+        mismatch.append(f"output qparams differ: {differ}")
     worst_value, worst_at, differing, elements, beyond, one_more = -1, None, 0, 0, 0, 0
     for b, (e, g) in enumerate(zip(expected, got)):
         diff = (g.to(torch.int64) - e.to(torch.int64)).abs()
@@ -615,11 +652,11 @@ def _judge(
             worst_value = int(diff.reshape(-1)[flat])
             worst_at = (b, tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)))
     max_lsb = max(worst_value, 0)
-    ok = max_lsb <= allowed or (
+    ok = not mismatch and (max_lsb <= allowed or (
         tolerance.off_by_one_fraction is not None
         and beyond == one_more
         and one_more <= tolerance.off_by_one_fraction * elements
-    )
+    ))
     worst = None
     if worst_at is not None and worst_value > 0:
         b, index = worst_at
@@ -632,13 +669,33 @@ def _judge(
             got_float_input=_at(got_float_inputs, b, index),
         )
     return PointResult(max_lsb=max_lsb, differing=differing, elements=elements, beyond=beyond, ok=ok,
-                       worst=worst, note="; ".join(notes), **common)  # fmt: skip
+                       worst=worst, note="; ".join(notes), mismatch="; ".join(mismatch), **common)  # fmt: skip
 
 
-def _regridded(expected: QParams | None, got: QParams | None) -> bool:
-    if expected is None or got is None or expected.axis is not None or got.axis is not None:
-        return False
-    return float(expected.scale) != float(got.scale) or int(expected.zero_point) != int(got.zero_point)
+def qparams_difference(expected: QParams | None, got: QParams | None) -> str | None:
+    """What differs between two points' qparams, and by how much (None: the same, or unknown)."""
+    if expected is None or got is None:
+        return None
+    if expected.axis != got.axis:
+        return f"axis {got.axis} in the candidate, {expected.axis} in the reference (None: per tensor)"
+    scales = [torch.as_tensor(q.scale, dtype=torch.float64).reshape(-1) for q in (expected, got)]
+    zero_points = [torch.as_tensor(q.zero_point).to(torch.int64).reshape(-1) for q in (expected, got)]
+    if scales[0].shape != scales[1].shape:
+        return f"{scales[1].numel()} scales in the candidate, {scales[0].numel()} in the reference"
+    parts = []
+    channel = (lambda i: f" (channel {i})") if expected.axis is not None else (lambda i: "")
+    if not torch.equal(*scales):
+        i = int((scales[1] / scales[0] - 1).abs().argmax())
+        parts.append(f"scale {float(scales[1][i]):.9g} in the candidate, {float(scales[0][i]):.9g} in the "
+                     f"reference{channel(i)}: x{float(scales[1][i] / scales[0][i]):.9g}")
+    if zero_points[0].shape != zero_points[1].shape or not torch.equal(*zero_points):
+        i = int((zero_points[1] - zero_points[0]).abs().argmax()) if zero_points[0].shape == zero_points[1].shape else 0
+        parts.append(f"zero_point {int(zero_points[1][i])} in the candidate, {int(zero_points[0][i])} in the "
+                     f"reference{channel(i)}")
+    if (expected.quant_min, expected.quant_max) != (got.quant_min, got.quant_max):
+        parts.append(f"range {got.quant_min}..{got.quant_max} in the candidate, "
+                     f"{expected.quant_min}..{expected.quant_max} in the reference")
+    return "; ".join(parts) or None
 
 
 def _on_grid(ints: Tensor, source: QParams, target: QParams) -> Tensor:
@@ -661,8 +718,9 @@ def _at(tensors: list, batch: int, index: tuple) -> float | None:
     return float(t[index])
 
 
-def _judge_output(ref: _Output, got, depth: int, tolerance: Tolerance) -> PointResult:
-    """One final output: in LSB of the reference's output scale if it is a dequantize."""
+def _judge_output(ref: _Output, got, depth: int, tolerance: Tolerance, bound: float | None = None) -> PointResult:
+    """One final output: in LSB of the reference's output scale if it is a dequantize; a float
+    output bit for bit, or within ``bound`` (see _float_bound) under a relaxed tolerance."""
     name = ref.name
     for b, (e, g) in enumerate(zip(ref.floats, got)):
         if not isinstance(e, Tensor) or not isinstance(g, Tensor) or e.shape != g.shape:
@@ -684,17 +742,27 @@ def _judge_output(ref: _Output, got, depth: int, tolerance: Tolerance) -> PointR
         return _judge(name, "output", name, depth, tolerance, ref.ints, got_ints, ref.floats, got,
                       ref.qparams, ref.qparams,
                       note="candidate output put on the reference output's grid")  # fmt: skip
-    # A float output (no dequantize at the end): exact unless relaxed, and then only reported,
-    # since there is no scale to measure it in.
+    # A float output (no dequantize at the end): there is no output scale, so exact unless the
+    # tolerance is relaxed and the steps it allows at the quantizes feeding it bound it.
     max_abs = max((float((g.double() - e.double()).abs().max()) for e, g in zip(ref.floats, got)
                    if e.numel()), default=0.0)  # fmt: skip
     differing = sum(int((g != e).sum()) for e, g in zip(ref.floats, got))
-    equal = all(torch.equal(e, g) for e, g in zip(ref.floats, got))
-    note = "float output (no dequantize at the end): " + (
-        "compared bit for bit" if tolerance.is_exact else "not in LSB, reported only")
+    if bound is not None:
+        # plus float32 rounding of the float ops after the last dequantize (a few ulp)
+        top = max((float(e.abs().max()) for e in ref.floats if e.numel()), default=0.0)
+        bound += 8 * torch.finfo(torch.float32).eps * top
+        note = ("float output (no dequantize at the end): within the allowed steps times the scale of "
+                "each quantize feeding it, through non-expanding float ops")
+        ok = max_abs <= bound
+    else:
+        note = "float output (no dequantize at the end): compared bit for bit" + (
+            "" if tolerance.is_exact else " (a float op between it and its quantizes that may "
+            "amplify their steps: no bound)")
+        ok = all(torch.equal(e, g) for e, g in zip(ref.floats, got))
+    beyond = differing if not ok else 0
     return PointResult(name, "output", name, depth, tolerance.allowed(depth), None, differing,
-                       sum(e.numel() for e in ref.floats), differing, equal or not tolerance.is_exact,
-                       note=note, max_abs=max_abs)  # fmt: skip
+                       sum(e.numel() for e in ref.floats), beyond, ok, note=note, max_abs=max_abs,
+                       bound=bound)  # fmt: skip
 
 
 def _describe(value) -> str:
@@ -719,6 +787,7 @@ class Comparison:
     extra: tuple  # keys quantized in the candidate only
     order: tuple  # every reference key (missing ones included) in topological order
     isolated: bool = False  # each candidate point was fed the reference's integers
+    module_inputs: dict = field(default_factory=dict)  # compare_lowered: path -> (ModuleInput, ...)
 
     @property
     def failures(self) -> list[str]:
@@ -730,6 +799,12 @@ class Comparison:
     @property
     def ok(self) -> bool:
         return not self.failures
+
+    def shared(self) -> Comparison:
+        """Judged on the points both graphs have, and the outputs: for two forms that may quantize
+        at different places (reference representations), not at different values."""
+        order = tuple(k for k in self.order if k in self.points)
+        return dataclasses.replace(self, missing=(), extra=(), order=order)
 
     @property
     def first_divergence(self) -> str | None:
@@ -815,6 +890,8 @@ def _short(c: Comparison, key: str) -> str:
     if key in c.extra:
         return f"{key} (extra)"
     r = c.points.get(key) or c.outputs[key]
+    if r.mismatch:
+        return f"{key} ({r.max_lsb} LSB; {r.mismatch})"
     if r.max_lsb is not None:
         return f"{key} ({r.max_lsb} LSB)"
     if r.max_abs is not None:
@@ -824,13 +901,24 @@ def _short(c: Comparison, key: str) -> str:
 
 def _describe_failure(r: PointResult, tolerance: Tolerance, isolated: bool = False) -> list[str]:
     what = {"activation": "quantize point", "weight": "quantized weight", "module": "lowered module",
-            "output": "final output"}[r.kind]  # fmt: skip
+            "op": "lowered op", "output": "final output"}[r.kind]  # fmt: skip
     where = f"node {r.node}, " if r.node != r.key else ""
     lines = [f"first divergence: {what} {r.key!r} ({where}requantization depth {r.depth})"]
+    if r.mismatch:  # never "diverges" with nothing to show: say what differs, and by how much
+        lines.append(f"  {r.mismatch}")
+        if r.max_lsb == 0:
+            lines.append(f"  the integers agree (0 LSB over {r.elements} elements): only the above differs")
     if r.max_lsb is None:
+        if r.max_abs is not None:
+            bound = f"; allowed {r.bound:.6g}" if r.bound is not None else ""
+            lines.append(f"  float values differ: |candidate - reference| up to {r.max_abs:.6g} "
+                         f"({r.differing} of {r.elements} elements){bound}")
         lines.append(f"  {r.note}")
         lines.append(f"  allowed: {tolerance}")
         return lines
+    if r.mismatch and r.max_lsb == 0:
+        lines.append(f"  allowed: {tolerance}")
+        return lines + ([f"  note: {r.note}"] if r.note else [])
     if r.worst is not None:
         w = r.worst
         line = f"  worst element: batch {w.batch}, index {w.index}: expected {w.expected}, got {w.got}"
@@ -874,12 +962,12 @@ def compare(
     point passes the reference's integers on, so each point shows only its own error (depth 1)
     instead of everything accumulated upstream.
     """
-    ref = _run(reference, batches)
+    ref = _run(reference, batches, lowered_ops=True)
     force = _forcing(ref) if isolate else None
-    got = _run(candidate, batches, force=force)
+    got = _run(candidate, batches, force=force, lowered_ops=True)
     rename = _pairs(ref.points, got.points)
     if rename:  # again under the reference's keys (isolation forces points by key)
-        got = _run(candidate, batches, force=force, rename=rename)
+        got = _run(candidate, batches, force=force, rename=rename, lowered_ops=True)
     depths, output_depths = _depths(ref, set(got.points) if isolate else None)
     results, missing = {}, []
     for key, point in ref.points.items():
@@ -949,9 +1037,9 @@ def _depths(ref: _Recorder, kept: set | None) -> tuple[dict, list]:
     for n in ref.gm.graph.nodes:
         d = max((depth.get(a, 0) for a in n.all_input_nodes), default=0)
         key = ref.key_of.get(n)
-        if key is not None and ref.points[key].kind == "activation":
-            first = n.args[0]
-            d += 0 if first.op == "placeholder" else 1
+        if key is not None and ref.points[key].kind != "weight":
+            from_input = ref.points[key].kind == "activation" and n.args[0].op == "placeholder"
+            d += 0 if from_input else 1
             points[key] = d
             if key in kept:
                 d = 0
@@ -964,9 +1052,9 @@ def _depths(ref: _Recorder, kept: set | None) -> tuple[dict, list]:
     return points, outputs
 
 
-def _judge_point(key: str, ref: _Point, got: _Point, depth: int, tolerance: Tolerance, kind=None):
+def _judge_point(key: str, ref: _Point, got: _Point, depth: int, tolerance: Tolerance, kind=None, keeps=()):
     return _judge(key, kind or ref.kind, ref.node, depth, tolerance, ref.values, got.values,
-                  ref.float_inputs, got.float_inputs, ref.qparams, got.qparams)  # fmt: skip
+                  ref.float_inputs, got.float_inputs, ref.qparams, got.qparams, keeps=keeps)  # fmt: skip
 
 
 def _compare_outputs(ref: _Recorder, got: _Recorder, tolerance: Tolerance, depths: list) -> dict:
@@ -976,9 +1064,63 @@ def _compare_outputs(ref: _Recorder, got: _Recorder, tolerance: Tolerance, depth
                         )  # fmt: skip
         return {"output": r}
     return {
-        out.name: _judge_output(out, other.floats, depth, tolerance)
+        out.name: _judge_output(out, other.floats, depth, tolerance,
+                                None if tolerance.is_exact else _float_bound(ref, out.leaf, tolerance))
         for out, other, depth in zip(ref.outputs, got.outputs, depths)
     }
+
+
+# Float ops through which an error of the values they read does not grow (elementwise
+# |f(a) - f(b)| <= |a - b|: max/avg pooling and means average or select, clamps and sigmoid/tanh
+# are 1-Lipschitz, views only move values); add/sub add their inputs' errors.
+_NON_EXPANDING = {
+    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "clamp", "clamp_min", "clamp_max", "sigmoid",
+    "tanh", "hardsigmoid", "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "mean",
+    "flatten", "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "squeeze", "unsqueeze",
+    "contiguous", "clone", "dropout", "getitem", "cat", "concat", "expand", "slice", "select", "alias",
+    "detach", "identity",
+}
+_ADDING = {"add", "sub"}
+
+
+def _op_name(node: fx.Node) -> str:
+    packet = getattr(node.target, "_overloadpacket", None)
+    return getattr(packet, "__name__", None) or getattr(node.target, "__name__", str(node.target))
+
+
+def _float_bound(ref: _Recorder, leaf, tolerance: Tolerance) -> float | None:
+    """How far a float output (no dequantize at the end) may be off, in its own units: the
+    allowed steps of each quantize feeding it times that quantize's scale, carried through the
+    float ops after its dequantize (see _NON_EXPANDING; None if another op comes between)."""
+    memo: dict = {}
+
+    def bound(node):
+        if not isinstance(node, fx.Node) or node in ref.constant:
+            return 0.0
+        if node not in memo:
+            memo[node] = _node_bound(node)
+        return memo[node]
+
+    def _node_bound(node):
+        if _is_dequantize(node):
+            args, kwargs = ref.fetch_args_kwargs_from_env(node)
+            q = _qparams(node, args, kwargs, None)
+            if q is None:
+                return None
+            scale = float(torch.as_tensor(q.scale, dtype=torch.float64).max())
+            return tolerance.allowed(ref.depth.get(node, 0)) * scale
+        if node.op == "placeholder":
+            return 0.0  # the same input in both
+        name = _op_name(node) if node.op in ("call_function", "call_method") else None
+        if name not in _NON_EXPANDING and name not in _ADDING:
+            return None
+        inputs = [bound(a) for a in node.all_input_nodes]
+        if any(b is None for b in inputs):
+            return None
+        return sum(inputs) if name in _ADDING else max(inputs, default=0.0)
+
+    return bound(leaf) if isinstance(leaf, fx.Node) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1002,7 +1144,11 @@ def compare_lowered(
     quantize, quantizes around float ops) are points by the usual key; then the final
     outputs. A reference module whose lowered counterpart does not produce a quantized
     tensor is listed as missing; reference quantizes fused into a lowered op (e.g. the one
-    after ``add_relu``) are covered by the next point or the outputs.
+    after ``add_relu``) are covered by the next point or the outputs; a quantize only the
+    lowered graph has is extra (a failure). A lowered module is judged on its own output
+    qparams: other ones only where the reference graph allows them (``_other_grids``).
+    ``Comparison.module_inputs`` gives each module's quantized input range and qparams, from
+    which a kernel deviation is judged (``qref.engines.known_deviation``).
 
     ``isolate`` (default): each lowered point passes the reference's integers on, so a module
     gets exactly the quantized input its reference module saw (as ``qref.fx.kernel_check``
@@ -1022,6 +1168,8 @@ def compare_lowered(
     got = _run(lowered, batches, modules={path: path for path in module_key}, force=force)
     kept = {k for k in ref.points if by_ref_key.get(k, k) in got.points}
     depths, output_depths = _depths(ref, kept if isolate else None)
+    inputs = _module_inputs(reference_fx, ref, module_key)
+    inputs.update({p: i for p, i in _lowered_inputs(lowered, ref, module_key).items() if p not in inputs})
     results, missing, order = {}, [], []
     for key, point in ref.points.items():
         depth = depths[key]
@@ -1029,14 +1177,93 @@ def compare_lowered(
         if path is not None:
             order.append(path)
             if path in got.points:
-                results[path] = _judge_point(path, point, got.points[path], depth, tolerance, kind="module")
+                keeps = _other_grids(reference_fx, path, inputs[path])
+                results[path] = _judge_point(path, point, got.points[path], depth, tolerance, kind="module",
+                                             keeps=keeps)  # fmt: skip
             else:
                 missing.append(path)
         elif key in got.points:
             order.append(key)
             results[key] = _judge_point(key, point, got.points[key], depth, tolerance)
+    extra = tuple(k for k in got.points if k not in module_key and k not in ref.points)
     outputs = _compare_outputs(ref, got, tolerance, output_depths)
-    return Comparison(tolerance, results, outputs, tuple(missing), (), tuple(order), isolate)
+    return Comparison(tolerance, results, outputs, tuple(missing), extra, tuple(order), isolate, inputs)
+
+
+@dataclass(frozen=True)
+class ModuleInput:
+    """One quantized input a reference module was fed (dequantized): its qparams and the
+    smallest and largest integer over all batches (what a kernel's limits depend on)."""
+
+    qparams: QParams | None
+    low: int | None
+    high: int | None
+
+
+def _module_inputs(reference_fx: fx.GraphModule, ref: _Recorder, module_key: dict) -> dict:
+    """Module path -> the ModuleInput of each dequantized input of that reference module."""
+    nodes = {n.target: n for n in reference_fx.graph.nodes if n.op == "call_module" and n.target in module_key}
+    found = {}
+    for path, node in nodes.items():
+        found[path] = []
+        for dq in (a for a in node.all_input_nodes if _is_dequantize(a)):
+            source = dq.args[0] if dq.args and isinstance(dq.args[0], fx.Node) else None
+            point = ref.points.get(ref.key_of.get(source))
+            values = [v for v in point.values if v.numel()] if point is not None else []
+            found[path].append(ModuleInput(
+                point.qparams if point is not None else None,
+                min((int(v.min()) for v in values), default=None),
+                max((int(v.max()) for v in values), default=None),
+            ))
+        found[path] = tuple(found[path])
+    return found
+
+
+def _other_grids(reference_fx: fx.GraphModule, path: str, inputs: tuple) -> tuple:
+    """The qparams besides its quantize's that the reference graph allows the lowered form of
+    module ``path``: its input's, for an op that may keep it (_keeps_input_grid), and the fixed
+    qparams of a sigmoid/tanh/hardsigmoid module (whose quantized kernel always outputs on them;
+    the reference's quantize after it may be another, e.g. a cat's shared one)."""
+    grids = [i.qparams for i in inputs if i.qparams is not None] if _keeps_input_grid(reference_fx, path) else []
+    from torch.ao.quantization.qconfig_mapping import _FIXED_QPARAMS_OP_TO_OBSERVER
+
+    observer = _FIXED_QPARAMS_OP_TO_OBSERVER.get(type(reference_fx.get_submodule(path)))
+    if observer is not None:
+        observer = observer()
+        scale, zero_point = observer.calculate_qparams()
+        dtype = _INT_OF_QDTYPE[observer.dtype]
+        info = torch.iinfo(dtype)
+        grids.append(QParams(float(scale), int(zero_point), None, info.min, info.max, dtype, "torch"))
+    return tuple(grids)
+
+
+def _lowered_inputs(lowered: fx.GraphModule, ref: _Recorder, module_key: dict) -> dict:
+    """Module path -> the ModuleInput of each input of a lowered module that is a point (a
+    quantize, or another module point): what it was fed under isolation, for modules that are no
+    point themselves (e.g. a Linear whose ReLU the reference applies before its quantize)."""
+    found = {}
+    for node in lowered.graph.nodes:
+        if node.op != "call_module":
+            continue
+        fed = []
+        for a in node.all_input_nodes:
+            key = module_key.get(a.target) if a.op == "call_module" else (
+                a.args[0].name if _is_quantize(a) and isinstance(a.args[0], fx.Node) else None)
+            point = ref.points.get(key)
+            if point is not None:
+                values = [v for v in point.values if v.numel()]
+                fed.append(ModuleInput(point.qparams, min((int(v.min()) for v in values), default=None),
+                                       max((int(v.max()) for v in values), default=None)))
+        found[node.target] = tuple(fed)
+    return found
+
+
+def _keeps_input_grid(reference_fx: fx.GraphModule, path: str) -> bool:
+    """Whether the lowered form of reference module ``path`` may keep its input's qparams: an op
+    without weights (an activation or pooling, which quantized kernels run on the input's grid);
+    a weighted module always requantizes to its own."""
+    module = reference_fx.get_submodule(path)
+    return not any(True for _ in module.parameters()) and not hasattr(module, "weight")
 
 
 def _modules_before_points(reference_fx: fx.GraphModule, ref: _Recorder) -> dict:

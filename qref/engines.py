@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
-__all__ = ["engines", "use_engine", "KERNEL_CONTRACTS", "KernelContract", "known_deviation", "has_vnni"]
+__all__ = ["engines", "use_engine", "KERNEL_CONTRACTS", "KernelContract", "KernelDeviation", "Layer",
+           "DEVIATIONS", "known_deviation", "thread_deviation", "int16_pair_cap", "has_vnni"]
 
 
 def _runs(engine: str) -> bool:
@@ -98,29 +101,95 @@ ONEDNN_THREADS = (
     "pin torch.set_num_threads(1) for bit-exact comparisons"
 )
 
-QNNPACK_DEGENERATE_SCALE = (
-    "qnnpack wraps a requantized output beyond the uint8 range instead of saturating when an "
-    "input or weight scale is degenerate (a zero-range calibration, or all-zero weights as after "
-    "folding a BatchNorm with zero gamma, give scale = float32 eps, so the int32 bias is huge): "
-    "seen 255 -> 7 on a Linear whose output is its bias (tests/test_fx_kernels.py pins it), "
-    "106 for 0 on a conv1d with zero-gamma BatchNorm"
-)
 DEGENERATE_SCALE = 2.0**-20
-
-ONEDNN_DECONV_CHANNELS = (
-    "onednn's quantized ConvTranspose (also under the x86 engine, which hands it to onednn) is "
-    "wrong when in and out channels per group differ and both exceed 1: up to 255 LSB inside "
-    "the calibrated range, exact with equal channel counts; fbgemm and qnnpack are exact on the "
-    "same model (seen on an AVX512-VNNI/AMX CPU, torch 2.13; pinned in tests/test_fx_kernels.py)"
-)
+INT16_MAX = 32767
 
 
-FBGEMM_DEPTHWISE_INT16 = (
-    "fbgemm's depthwise conv kernel pairs u8 x s8 products in int16 also on AVX512-VNNI CPUs, "
-    "where its dense and grouped convs do not: quantized activations above 127 (inputs beyond "
-    "the calibrated range of a reduce_range model) saturate, seen 24-255 LSB (torch 2.13; pinned "
-    "in tests/test_fx_kernels.py)"
-)
+@dataclass(frozen=True)
+class Layer:
+    """A lowered layer that left its contract, as a deviation judges it: the lowered module and
+    the quantized input the reference fed it (``qref.compare.ModuleInput``)."""
+
+    module: Any
+    input_high: int | None = None  # the largest quantized input integer it was fed
+    input_scale: float | None = None  # its input's scale
+    input_dtype: torch.dtype | None = None  # its input's integer dtype (torch.uint8, ...)
+
+
+@dataclass(frozen=True)
+class KernelDeviation:
+    """A kernel behaviour seen to leave the contract, and exactly where it may excuse a layer.
+
+    ``cause``: what the kernel does; ``condition``: what must hold of the failing layer itself
+    (``applies``); ``cap``: the largest error it can explain on that layer (``max_lsb``), in LSB
+    of the layer's output; ``where``: the CPUs and torch versions it was seen on (``seen_here``:
+    this CPU's flags, ``torch_versions``: prefixes of ``torch.__version__``)."""
+
+    name: str
+    engines: tuple[str, ...]
+    cause: str
+    condition: str
+    cap: str
+    where: str
+    applies: Callable[[Layer], bool]
+    max_lsb: Callable[[Layer], int]
+    seen_here: Callable[[str], bool]  # engine -> whether this CPU is one it was seen on
+    torch_versions: tuple[str, ...]
+
+    def explains(self, engine: str, layer: Layer, lsb: int) -> bool:
+        """Whether this deviation explains ``layer`` being ``lsb`` LSB off on ``engine`` here."""
+        return (engine in self.engines and self.seen_here(engine)
+                and torch.__version__.startswith(self.torch_versions) and self.applies(layer)
+                and lsb <= self.max_lsb(layer))
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.cause}; only where {self.condition}; at most {self.cap}; {self.where}"
+
+
+def _weighted(module) -> bool:
+    import torch.ao.nn.quantized as nnq
+
+    return isinstance(module, (nnq.Linear, nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.ConvTranspose1d,
+                               nnq.ConvTranspose2d, nnq.ConvTranspose3d))
+
+
+def _wide_uint8_input(layer: Layer) -> bool:
+    """The layer was fed quint8 activations above 127 (u8 x s8 pairs can exceed int16)."""
+    return (layer.input_dtype in (torch.uint8, torch.quint8) and layer.input_high is not None
+            and layer.input_high > 127)
+
+
+def _weight_scales(module) -> torch.Tensor:
+    weight = module.weight()
+    if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        return weight.q_per_channel_scales().double()
+    return torch.tensor([weight.q_scale()], dtype=torch.float64)
+
+
+def int16_pair_cap(layer: Layer, contract_lsb: int = 1) -> int:
+    """The most int16 pair saturation can move this layer's output, in its output LSB.
+
+    u8 x s8 products are summed in pairs into int16 before int32 accumulation (vpmaddubsw): with
+    inputs in 0..high and |weights| <= wmax a pair reaches 2 * high * wmax, so saturation takes at
+    most ``2 * high * wmax - 32767`` from each of the ceil(K / 2) pairs of an output's K products;
+    times input_scale * weight_scale / output_scale in output LSB, plus the contract's rounding.
+    0 beyond the contract when the pairs cannot exceed int16 (inputs <= 127)."""
+    module = layer.module
+    if layer.input_high is None or layer.input_scale is None or not _weighted(module):
+        return contract_lsb
+    w = module.weight().int_repr().to(torch.int64)
+    if type(module).__name__.startswith("ConvTranspose"):
+        products = (module.in_channels // module.groups) * math.prod(w.shape[2:])
+    else:
+        products = math.prod(w.shape[1:])  # (in / groups) * kernel, or in_features
+    excess = max(0, 2 * layer.input_high * int(w.abs().max()) - INT16_MAX)
+    lsb = math.ceil(products / 2) * excess * layer.input_scale * float(_weight_scales(module).max()) / module.scale
+    return contract_lsb + math.ceil(lsb)
+
+
+def _output_range(layer: Layer) -> int:
+    """The whole output range: a wrong or wrapped kernel result can be anywhere in it."""
+    return 255 if getattr(layer.module, "scale", None) is not None else 0
 
 
 def _depthwise_conv(module) -> bool:
@@ -139,6 +208,74 @@ def _onednn_deconv_channels(module) -> bool:
     return per_group_in > 1 and per_group_out > 1 and per_group_in != per_group_out
 
 
+def _degenerate_scale(layer: Layer) -> bool:
+    """The layer's own input or weight scale is degenerate (float32 eps after a zero range)."""
+    if layer.input_scale is not None and layer.input_scale < DEGENERATE_SCALE:
+        return True
+    return _weighted(layer.module) and float(_weight_scales(layer.module).min()) < DEGENERATE_SCALE
+
+
+INT16_SATURATION = KernelDeviation(
+    "int16 pair saturation", ("fbgemm", "x86", "onednn"),
+    cause=INT16_PAIRS.format(engine="fbgemm/x86 (and onednn without VNNI)"),
+    condition="the failing conv or linear was itself fed quint8 inputs above 127",
+    cap="the most saturating its own products' pairs can change its output (int16_pair_cap)",
+    where=("CPUs without AVX512-VNNI (fbgemm, x86) or without VNNI (onednn), as the kernel contract "
+           "says; torch 2.x (pytorch#44939, open since 2020)"),
+    applies=lambda layer: _weighted(layer.module) and _wide_uint8_input(layer),
+    max_lsb=int16_pair_cap,
+    seen_here=lambda engine: KERNEL_CONTRACTS[engine].seven_bit_activations,
+    torch_versions=("2.",),
+)
+
+FBGEMM_DEPTHWISE_INT16 = KernelDeviation(
+    "fbgemm depthwise int16", ("fbgemm",),
+    cause=("fbgemm's depthwise conv kernel pairs u8 x s8 products in int16 also on AVX512-VNNI CPUs, "
+           "where its dense and grouped convs do not: quantized activations above 127 (inputs beyond "
+           "the calibrated range of a reduce_range model) saturate, seen 24-255 LSB"),
+    condition="the failing layer is a depthwise conv that was itself fed quint8 inputs above 127",
+    cap="the most saturating its own products' pairs can change its output (int16_pair_cap)",
+    where="seen on an AVX512-VNNI/AMX CPU, torch 2.13 (pinned in tests/test_fx_kernels.py)",
+    applies=lambda layer: _depthwise_conv(layer.module) and _wide_uint8_input(layer),
+    max_lsb=int16_pair_cap,
+    seen_here=lambda engine: has_vnni(avx512=True),
+    torch_versions=("2.13",),
+)
+
+ONEDNN_DECONV_CHANNELS = KernelDeviation(
+    "onednn ConvTranspose channels", ("onednn", "x86"),
+    cause=("onednn's quantized ConvTranspose (also under the x86 engine, which hands it to onednn) is "
+           "wrong when in and out channels per group differ and both exceed 1: up to 255 LSB inside "
+           "the calibrated range, exact with equal channel counts; fbgemm and qnnpack are exact on the "
+           "same model"),
+    condition="the failing layer is a ConvTranspose with unequal channels per group, both above 1",
+    cap="its whole output range (255 LSB): the result is wrong, not imprecise; the shape confines it",
+    where="seen on an AVX512-VNNI/AMX CPU, torch 2.13 (pinned in tests/test_fx_kernels.py)",
+    applies=lambda layer: _onednn_deconv_channels(layer.module),
+    max_lsb=_output_range,
+    seen_here=lambda engine: {"avx512_vnni", "amx_int8"} <= _cpu_flags(),
+    torch_versions=("2.13",),
+)
+
+QNNPACK_DEGENERATE_SCALE = KernelDeviation(
+    "qnnpack degenerate scale", ("qnnpack",),
+    cause=("qnnpack wraps a requantized output beyond the uint8 range instead of saturating when an "
+           "input or weight scale is degenerate (a zero-range calibration, or all-zero weights as after "
+           "folding a BatchNorm with zero gamma, give scale = float32 eps, so the int32 bias is huge): "
+           "seen 255 -> 7 on a Linear whose output is its bias, 106 for 0 on a conv1d with zero-gamma "
+           "BatchNorm"),
+    condition=f"the failing layer's own input or weight scale is below 2**{int(math.log2(DEGENERATE_SCALE))}",
+    cap="its whole output range (255 LSB): a wrapped uint8 value can land anywhere in it",
+    where="seen on an x86-64 CPU (qnnpack's SSE2 kernels), torch 2.13 (pinned in tests/test_fx_kernels.py)",
+    applies=_degenerate_scale,
+    max_lsb=_output_range,
+    seen_here=lambda engine: "sse2" in _cpu_flags(),
+    torch_versions=("2.13",),
+)
+
+DEVIATIONS = (INT16_SATURATION, FBGEMM_DEPTHWISE_INT16, ONEDNN_DECONV_CHANNELS, QNNPACK_DEGENERATE_SCALE)
+
+
 KERNEL_CONTRACTS = {
     "fbgemm": KernelContract(1, not has_vnni(avx512=True), None, INT16_PAIRS.format(engine="fbgemm")),
     "x86": KernelContract(1, not has_vnni(avx512=True), None, INT16_PAIRS.format(engine="x86 (fbgemm/onednn)")),
@@ -147,39 +284,18 @@ KERNEL_CONTRACTS = {
 }
 
 
-def known_deviation(
-    engine: str,
-    reduce_range: bool,
-    dtype=torch.quint8,
-    threads: int | None = None,
-    input_max: int | None = None,
-    input_scale: float | None = None,
-    modules=(),
-) -> str | None:
-    """Why a lowered model on ``engine`` may leave the 1-LSB contract, or None if it should hold.
+def known_deviation(engine: str, layer: Layer, lsb: int) -> KernelDeviation | None:
+    """The known deviation that explains ``layer`` (a lowered layer that left its contract on
+    ``engine``) being ``lsb`` LSB off, here: on this CPU and torch version, from the layer's own
+    input and shape, within the deviation's cap; None if none does (then it is a failure)."""
+    return next((d for d in DEVIATIONS if d.explains(engine, layer, lsb)), None)
 
-    ``reduce_range``: that of the 8-bit activation observers; ``input_max``: the largest
-    quantized input value seen, if known; ``input_scale``: the smallest activation or weight
-    scale of a kernel, if known; ``threads``: the intra-op thread count the model
-    runs with (default: the current one); ``modules``: the lowered modules that left the
-    contract, if known (a shape-dependent deviation is named only if it explains each of them).
-    """
+
+def thread_deviation(engine: str, threads: int | None = None) -> str | None:
+    """Why ``engine`` may differ from itself at ``threads`` intra-op threads (default: the current
+    count), or None: onednn is deterministic on one thread only."""
     contract = KERNEL_CONTRACTS.get(engine)
-    if contract is None:
-        return None
-    modules = list(modules)
-    if engine in ("onednn", "x86") and modules and all(_onednn_deconv_channels(m) for m in modules):
-        return ONEDNN_DECONV_CHANNELS
-    if engine == "qnnpack" and input_scale is not None and input_scale < DEGENERATE_SCALE:
-        return QNNPACK_DEGENERATE_SCALE
-    too_wide = not reduce_range or (input_max is not None and input_max > 127)
-    if contract.seven_bit_activations and dtype in (torch.quint8, torch.uint8) and too_wide:
-        cause = INT16_PAIRS.format(engine=engine)
-        return cause + (" (this CPU has no VNNI)" if engine == "onednn" else " (this CPU has no AVX512-VNNI)")
-    if (engine == "fbgemm" and dtype in (torch.quint8, torch.uint8) and too_wide and modules
-            and all(_depthwise_conv(m) for m in modules)):
-        return FBGEMM_DEPTHWISE_INT16
     threads = torch.get_num_threads() if threads is None else threads
-    if contract.deterministic_threads is not None and threads > contract.deterministic_threads:
+    if contract is not None and contract.deterministic_threads is not None and threads > contract.deterministic_threads:
         return ONEDNN_THREADS
     return None

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 import torch.ao.nn.quantized as nnq
 
-from qref.engines import KERNEL_CONTRACTS, engines, known_deviation, use_engine
+from qref.engines import (
+    INT16_SATURATION,
+    KERNEL_CONTRACTS,
+    ONEDNN_DECONV_CHANNELS,
+    QNNPACK_DEGENERATE_SCALE,
+    Layer,
+    engines,
+    int16_pair_cap,
+    known_deviation,
+    thread_deviation,
+    use_engine,
+)
 
 
 def test_engines_are_supported_and_really_run():
@@ -54,41 +66,92 @@ def test_unknown_engine_lists_available():
     assert torch.backends.quantized.engine == before
 
 
+def _conv(cin=3, cout=2, k=3, groups=1, scale=0.02, weight_scale=0.01, transpose=False):
+    """A lowered conv whose weights are all 127 (the largest pair sums) at ``weight_scale``."""
+    cls = nnq.ConvTranspose2d if transpose else nnq.Conv2d
+    conv = cls(cin, cout, k, groups=groups)
+    shape = (cin, cout // groups, k, k) if transpose else (cout, cin // groups, k, k)
+    conv.set_weight_bias(torch.quantize_per_tensor(torch.full(shape, 127 * weight_scale), weight_scale, 0,
+                                                   torch.qint8), None)
+    conv.scale, conv.zero_point = scale, 0
+    return conv
+
+
+def _wide(module, high=200, scale=0.05):
+    return Layer(module, input_high=high, input_scale=scale, input_dtype=torch.uint8)
+
+
 @pytest.mark.parametrize("avx512_vnni", [True, False], ids=["AVX512-VNNI CPU", "CPU without VNNI"])
-def test_known_deviation_of_int16_pairs_depends_on_the_cpu(monkeypatch, avx512_vnni):
+def test_int16_saturation_is_excused_only_on_cpus_without_vnni_and_wide_inputs(monkeypatch, avx512_vnni):
     for engine in ("fbgemm", "x86"):  # the contracts as has_vnni(avx512=True) would set them
         contract = dataclasses.replace(KERNEL_CONTRACTS[engine], seven_bit_activations=not avx512_vnni)
         monkeypatch.setitem(KERNEL_CONTRACTS, engine, contract)
-    if avx512_vnni:  # int32 dot products: no int16 pairs to saturate
-        assert known_deviation("fbgemm", reduce_range=False) is None
-        assert known_deviation("x86", reduce_range=True, input_max=200) is None
-    else:
-        assert "no AVX512-VNNI" in known_deviation("fbgemm", reduce_range=False)
-        assert "pytorch#44939" in known_deviation("x86", reduce_range=True, input_max=200)
+    conv = _conv()
+    for engine in ("fbgemm", "x86"):
+        found = known_deviation(engine, _wide(conv), 5)
+        if avx512_vnni:  # int32 dot products: no int16 pairs to saturate
+            assert found is None
+        else:
+            assert found is INT16_SATURATION and "pytorch#44939" in str(found)
+        # the layer's own input decides: 7-bit inputs cannot saturate a pair, quint8 only
+        assert known_deviation(engine, _wide(conv, high=127), 5) is None
+        assert known_deviation(engine, Layer(conv, 200, 0.05, torch.int8), 5) is None
+    assert known_deviation("qnnpack", _wide(conv), 5) is None  # int32 accumulation
 
 
-def test_known_deviation():
-    assert known_deviation("fbgemm", reduce_range=True, threads=1) is None
-    assert known_deviation("fbgemm", reduce_range=False, dtype=torch.qint8) is None  # int8 activations
-    assert known_deviation("qnnpack", reduce_range=False, threads=8) is None
-    assert "set_num_threads(1)" in known_deviation("onednn", reduce_range=True, threads=2)
-    assert known_deviation("onednn", reduce_range=True, threads=1) is None
-    assert known_deviation("unknown", reduce_range=False) is None
+def test_int16_pair_cap_bounds_the_error_from_the_layers_own_numbers():
+    conv = _conv(cin=3, k=3, scale=0.02, weight_scale=0.01)  # 27 products per output: 14 pairs
+    excess = 2 * 200 * 127 - 32767  # the most a saturated pair can lose with inputs <= 200
+    assert int16_pair_cap(_wide(conv, high=200, scale=0.05)) == 1 + math.ceil(14 * excess * 0.05 * 0.01 / 0.02)
+    assert int16_pair_cap(_wide(conv, high=127)) == 1  # 2 * 127 * 127 < 32767: nothing saturates
+    cap = int16_pair_cap(_wide(conv))
+    assert INT16_SATURATION.applies(_wide(conv)) and INT16_SATURATION.max_lsb(_wide(conv)) == cap
+
+
+def test_thread_deviation():
+    assert thread_deviation("fbgemm", threads=8) is None
+    assert thread_deviation("qnnpack", threads=8) is None
+    assert "set_num_threads(1)" in thread_deviation("onednn", threads=2)
+    assert thread_deviation("onednn", threads=1) is None
+    assert thread_deviation("unknown") is None
+    assert known_deviation("unknown", _wide(_conv()), 2) is None
     assert all(c.max_lsb == 1 for c in KERNEL_CONTRACTS.values())
 
 
-def test_onednn_conv_transpose_deviation_depends_on_channels_per_group():
-    from qref.engines import ONEDNN_DECONV_CHANNELS
+def test_onednn_conv_transpose_deviation_depends_on_channels_cpu_torch_and_cap(monkeypatch):
+    import importlib
+
+    module = importlib.import_module("qref.engines")  # `qref.engines` is also a function
+    monkeypatch.setattr(module, "_cpu_flags", lambda: frozenset({"avx512_vnni", "amx_int8"}))
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
 
     def deconv(cin, cout, groups=1):
-        return nnq.ConvTranspose2d(cin, cout, 1, groups=groups)
+        return Layer(_conv(cin, cout, 1, groups=groups, transpose=True))
 
-    assert known_deviation("onednn", True, threads=1, modules=[deconv(3, 2)]) == ONEDNN_DECONV_CHANNELS
-    assert known_deviation("x86", True, threads=1, modules=[deconv(6, 4, groups=2)]) == ONEDNN_DECONV_CHANNELS
+    assert known_deviation("onednn", deconv(3, 2), 200) is ONEDNN_DECONV_CHANNELS
+    assert known_deviation("x86", deconv(6, 4, groups=2), 200) is ONEDNN_DECONV_CHANNELS
+    assert known_deviation("onednn", deconv(3, 2), 256) is None  # beyond its cap (the output range)
     for same in (deconv(3, 3), deconv(1, 4), deconv(4, 1), deconv(4, 2, groups=2)):
-        assert known_deviation("onednn", True, threads=1, modules=[same]) is None
-    assert known_deviation("fbgemm", True, threads=1, modules=[deconv(3, 2)]) is None
-    assert known_deviation("onednn", True, threads=1, modules=[nnq.Conv2d(3, 2, 1)]) is None
+        assert known_deviation("onednn", same, 200) is None
+    assert known_deviation("fbgemm", deconv(3, 2), 200) is None
+    assert known_deviation("onednn", Layer(_conv(3, 2, 1)), 200) is None
+    monkeypatch.setattr(torch, "__version__", "2.14.0")  # not seen there
+    assert known_deviation("onednn", deconv(3, 2), 200) is None
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    monkeypatch.setattr(module, "_cpu_flags", lambda: frozenset({"avx2"}))  # nor on this CPU
+    assert known_deviation("onednn", deconv(3, 2), 200) is None
+
+
+def test_qnnpack_degenerate_scale_is_judged_on_the_layers_own_scales(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.13.0")
+    eps = torch.finfo(torch.float32).eps
+    linear = nnq.Linear(1, 1)
+    assert known_deviation("qnnpack", Layer(linear, 0, eps, torch.uint8), 248) is QNNPACK_DEGENERATE_SCALE
+    assert known_deviation("qnnpack", Layer(linear, 0, 0.01, torch.uint8), 248) is None
+    zero_weights = _conv(1, 1, 1, weight_scale=eps)
+    assert known_deviation("qnnpack", Layer(zero_weights, 10, 0.01, torch.uint8), 250) is QNNPACK_DEGENERATE_SCALE
+    assert known_deviation("qnnpack", Layer(zero_weights, 10, 0.01, torch.uint8), 256) is None  # beyond the cap
+    assert known_deviation("fbgemm", Layer(linear, 0, eps, torch.uint8), 248) is None
 
 
 @pytest.mark.parametrize("flags, vnni, avx512_vnni", [

@@ -439,3 +439,27 @@ def test_default_expectation_excuses_torchao_only_for_the_bias_less_linear_defec
     assert entry.expects(cannot_run_message(error.value))
     assert not entry.expects(cannot_run_message(RuntimeError("shape mismatch")))
     qref.convert_pt2e(p, use_reference_representation=True)(*calibration_inputs([(2, 8)]))  # qref's runs
+
+
+def test_graph_input_ties_are_kept_under_the_named_input_rounding_allowance():
+    """At exact ties of the input scale the representation's round(x / s) and the q/dq graph's
+    round(x * float32(1 / s)) may round 1 LSB apart (INPUT_ROUNDING): the property keeps such
+    inputs, fed as the representation rounds them, on which both forms quantize alike."""
+    from properties.test_equivalence import _graph_input_quantizes, _inputs_rounded_alike
+    from qref.compare import quantize_points
+
+    p = prepared(init(LinearReluLinear(), seed=1), [(2, 8)], int8())
+    qdq = qref.convert_pt2e(copy.deepcopy(p))
+    ((name, (scale, zero_point, _, _)),) = _graph_input_quantizes(qdq).items()
+    candidates = (torch.arange(-128, 127, dtype=torch.float32) + 0.5) * scale  # halves of the input scale
+    differ = torch.round(candidates / scale) != torch.round(candidates * (1.0 / scale))
+    assert differ.any(), "no tie rounds apart at this scale: the allowance would be untested"
+    ties = torch.cat([candidates[differ][:8], candidates[~differ][:8]])
+    ties = torch.cat([ties, ties[: 16 - len(ties)]]).reshape(2, 8)  # the model's input shape
+    apart = torch.round(ties / scale) != torch.round(ties * (1.0 / scale))
+    ((snapped,),), replaced = _inputs_rounded_alike(qdq, [(ties,)])
+    assert replaced == int(apart.sum()) and torch.equal(snapped[~apart], ties[~apart])
+    # on the snapped input the q/dq graph quantizes as the representation rounds the tie
+    q = quantize_points(qdq, [snapped])[name][0].to(torch.int64)
+    representation = torch.clamp(torch.round(ties / scale) + zero_point, -128, 127).to(torch.int64)
+    assert torch.equal(q, representation)

@@ -161,6 +161,29 @@ _ALL = [
         "lowered sigmoid/tanh outputs requantized to a min/max observer's scale for their range "
         "(range / 255) instead of their fixed qparams (range / 256)",
         ("sigmoid_tanh", "fbgemm", False), EQUIVALENCE),
+    # --- compared where it was promised (tests/mutants/verdicts.py) ---------------------------
+    Mutant("inner_scale_hidden", "fx", "tests.mutants.verdicts:inner_scale_hidden", "fx-inner-module-qparams",
+           "inner lowered modules' output scale * (1 + 2**-20) (qparams recomputed with another float "
+           "rounding): no integer and no final output changes, only that module's qparams",
+           ("mlp", "fbgemm", False), "fx_pattern_matches_reference or fx_model_matches_reference"),
+    Mutant("same_scale_error_on_every_engine", "fx", "tests.mutants.verdicts:same_scale_error_on_every_engine",
+           "engine-independent-kernel-scale",
+           "every lowered module's output scale * 1.01 on every engine, so engines agree with each other",
+           ("mlp", "fbgemm", False), "test_engines_agree"),
+    Mutant("representation_rounds_half_up", "pt2e", "tests.mutants.verdicts:representation_rounds_half_up",
+           "reference-representation-bias",
+           "the reference representation's quantizes round ties up (floor(x + 0.5)) instead of to even: "
+           "1 LSB at a quantize, at ties only",
+           ("linear", "qref_int8_sym", False), "test_reference_representation_matches_reference"),
+    Mutant("qat_held_qparams", "pt2e", "tests.mutants.qat:qat_held_qparams", "qat-held-qparams",
+           "where a fake-quantizer holds other qparams than its observer reports (torch's fused "
+           "moving-average fake-quant: no eps, affine qparams for a same-signed channel of a symmetric "
+           "weight), the conversion uses the held ones instead of the observer's",
+           ("conv_bn_relu", "x86_qat_pc", True), "converted_matches_qat_model"),
+    Mutant("qat_fold_default_eps", "pt2e", "tests.mutants.qat:qat_fold_default_eps", "pt2e-bn-eps",
+           "QAT conv-bn fold uses BatchNorm's default eps 1e-5 instead of the graph's eps (torchao 0.18's "
+           "_fold_conv_bn_qat takes it from its replacement pattern's literal)",
+           ("conv_bn_relu", "qref_int8_sym_qat", True), "test_qat_fold_uses_the_graphs_bn_eps"),
 ]
 
 MUTANTS: dict[str, Mutant] = {m.name: m for m in _ALL}
