@@ -108,16 +108,17 @@ class Subject:
         and (``ready``) make the result ready for inference as its flow documents."""
         from qref.converters import ConverterMisbehaved, call_guarded
 
-        if self._hung:
-            self.fail(case, f"the converter hung earlier in this test ({self._hung}); not called again")
+        if self._hung:  # shrinking must not wait for it again, nor see it behave the next time
+            self.fail(case, f"{self._hung} earlier in this test; not called again")
         kwargs = {k: v for k, v in kwargs.items() if self.accepts(k)}
         model = case.prepared() if model is None else model
         try:
             converted = call_guarded(self.converter, model, timeout=self.timeout, **kwargs)
         except ConverterMisbehaved as error:
-            if error.kind == "timeout":
-                self._hung = str(error)
-            self.fail(case, f"the converter {error.kind}: {error}")
+            message = f"the converter {error.kind}: {error}"
+            if error.kind in ("timeout", "exited"):
+                self._hung = message
+            self.fail(case, message)
         if ready:
             converted = evaluation_ready(converted, case)
         try:

@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from qref.plugin.options import OPTIONS
+
 __all__ = ["main", "suite_dir", "pytest_args", "isolation_args"]
 
 _DESCRIPTION = """\
@@ -76,46 +78,12 @@ def _parser() -> argparse.ArgumentParser:
         usage="qref check CONVERTER [options] [-- PYTEST_ARGS...]",
     )
     check.add_argument("converter", metavar="CONVERTER", help="the converter to check (see above)")
-    check.add_argument(
-        "--flow",
-        choices=("pt2e", "fx"),
-        help="the converter's flow (inferred for built-ins and from the keyword arguments it takes)",
-    )
-    check.add_argument(
-        "--profile",
-        choices=("quick", "default", "thorough"),
-        help="Hypothesis profile: quick (20 examples per property), default (100), thorough (1000)",
-    )
-    check.add_argument(
-        "--engine",
-        action="extend",
-        nargs="+",
-        metavar="NAME",
-        help="quantized engine(s) to exercise (default: every engine that runs here)",
-    )
-    check.add_argument("--report", metavar="FILE.json", help="write the conformance report as JSON")
-    check.add_argument(
-        "--artifacts",
-        metavar="DIR",
-        help="write a reproducer (repro.py + inputs.pt) per failing property into DIR",
-    )
-    check.add_argument(
-        "--expectations",
-        metavar="FILE",
-        help="TOML file of expected failures with reasons (default: qref's own list)",
-    )
-    check.add_argument(
-        "--expected-as-skip",
-        action="store_true",
-        help="skip expected failures instead of running them (faster)",
-    )
-    check.add_argument("--seed", type=int, metavar="N", help="Hypothesis seed, for a repeatable run")
-    check.add_argument(
-        "--timeout",
-        type=float,
-        metavar="S",
-        help="time limit in seconds for one converter call (a hang fails the property)",
-    )
+    for option in OPTIONS:  # declared once, in the plugin
+        if option.in_cli:
+            check.add_argument(f"--{option.name}", dest=option.dest, **option.kwargs(cli=True))
+    check.add_argument("-v", "--verbose", action="store_true",
+                       help="pytest's own output (session header, letters, warnings, tracebacks) "
+                       "instead of qref's console")
     return parser
 
 
@@ -150,24 +118,18 @@ def pytest_args(options: argparse.Namespace, flow: str, suite: Path, passthrough
         "-o", "log_level=WARNING",
         "--qref-converter", options.converter,
         "--qref-flow", flow,
-        "--qref-expectations", options.expectations or default_expectations(),
+        "--qref-expectations", options.qref_expectations or default_expectations(),
     ]  # fmt: skip
     if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
         args += ["-p", "qref.plugin"]  # the pytest11 entry point is not loaded then
-    if options.profile:
-        args += ["--qref-profile", options.profile]
-    for engine in options.engine or ():
-        args += ["--qref-engine", engine]
-    if options.report:
-        args += ["--qref-report", options.report]
-    if options.artifacts:
-        args += ["--qref-artifacts", options.artifacts]
-    if options.expected_as_skip:
-        args.append("--qref-expected-as-skip")
-    if options.seed is not None:
-        args += ["--qref-seed", str(options.seed)]
-    if options.timeout is not None:
-        args += ["--qref-timeout", str(options.timeout)]
+    if not options.verbose:
+        args += ["-p", "qref.plugin.console"]
+    for option in OPTIONS:
+        value = getattr(options, option.dest, None)
+        if not option.in_cli or option.name in ("flow", "expectations") or value in (None, False, []):
+            continue
+        for one in value if option.repeat else [value]:
+            args += [f"--qref-{option.name}"] + ([] if option.flag else [str(one)])
     return args + passthrough
 
 
@@ -239,16 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     if options.command != "check":
         parser.print_help()
         return 2
-    if options.timeout is not None and options.timeout <= 0:
-        return _usage_error(f"--timeout must be a positive number of seconds, not {options.timeout:g}")
-    if options.expectations and not Path(options.expectations).is_file():
-        return _usage_error(f"expectations file {options.expectations!r} does not exist")
+    if options.qref_timeout is not None and options.qref_timeout <= 0:
+        return _usage_error(f"--timeout must be a positive number of seconds, not {options.qref_timeout:g}")
+    if options.qref_expectations and not Path(options.qref_expectations).is_file():
+        return _usage_error(f"expectations file {options.qref_expectations!r} does not exist")
 
     # Validate the converter before anything runs: a typo should cost a second, not a suite.
     from qref.converters import UsageError, resolve
 
     try:
-        converter = resolve(options.converter, options.flow)
+        converter = resolve(options.converter, options.qref_flow)
     except UsageError as exc:
         return _usage_error(str(exc))
     try:

@@ -147,7 +147,7 @@ def test_check_exits_0_when_all_hold_from_an_unrelated_directory(project):
     result = launch(suite, work, "check", "mine:convert", "--expectations", "expect.toml",
                     "--report", "out.json")  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "created: 1/1 worker" in result.stdout  # isolated by default: a crash cannot end the run
+    assert "qref: the suite runs in 1 isolated worker process" in result.stdout  # a crash cannot end the run
     assert "qref conformance: mine:convert (pt2e)" in result.stdout
     assert "expected failure: documented" in result.stdout  # (cut to the terminal's width)
     document = json.loads((work / "out.json").read_text())

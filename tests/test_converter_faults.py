@@ -277,9 +277,6 @@ def test_a_converter_that_calls_sys_exit_fails_the_running_property_and_the_run_
     assert "qref conformance: tests.mutants.misbehaving:exits_on_second_call" in done.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="Hypothesis replays the failing example, the converter does not exit "
-                   "again and the failure is reported as flaky: needs Subject.convert to stop calling a "
-                   "converter that exited, as it does one that hung")
 def test_the_exit_is_the_reported_reason(exits_run):
     done, report = exits_run
     reason = _by_property(report)[FIRST].get("reason") or ""

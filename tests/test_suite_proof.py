@@ -42,8 +42,9 @@ def _failed(report: dict) -> list[str]:
 @pytest.mark.parametrize("mutant", list(MUTANTS.values()), ids=list(MUTANTS))
 def test_quick_profile_kills_mutant(mutant, tmp_path):
     # only the properties meant for its bug class (a kill by another one may be an artifact of
-    # how the mutant is built); -x and no shrinking: the verdict is all this test needs
-    status, report, output = check(mutant.target, mutant.flow, tmp_path, "-x", "-k", mutant.caught_by,
+    # how the mutant is built); -x and no shrinking: the verdict is all this test needs; -n 0: in
+    # one process (no mutant crashes it; tests/test_converter_faults.py proves the isolated worker)
+    status, report, output = check(mutant.target, mutant.flow, tmp_path, "-x", "-n", "0", "-k", mutant.caught_by,
                                    shrink=False)
     assert status == 1, (f"{mutant.name} ({mutant.bug_class}) survived the quick profile's "
                          f"'{mutant.caught_by}':\n{output}")
@@ -207,14 +208,18 @@ def test_replay_reports_a_failure_that_does_not_repeat_as_a_failure(capsys):
 
 
 def test_replay_of_a_case_the_property_rejects_says_not_run(capsys):
-    # torchao 0.18's prepare_qat_pt2e resets BatchNorm eps (a default expectation): the float-model
-    # folding property rejects such cases with assume()
-    from hypothesis import strategies as st
+    # X86InductorQuantizer leaves sigmoid float: the fixed-qparams property rejects such a case
+    import torch
 
     from properties._support import replay
-    from qref.strategies import cases, conv_bn_specs
+    from qref.strategies.cases import Case
+    from qref.strategies.models import Act, Conv, ModelSpec
+    from qref.strategies.setups import QuantSetup
 
-    case = _simplest(cases("pt2e", qat=True, model=conv_bn_specs(qat=True, eps=st.just(1.0))))
-    status = replay("qref.properties.test_folding", "test_conv_bn_matches_float_model", "qref-pt2e", case, {})
+    x = torch.linspace(-1, 1, 48).reshape(1, 3, 4, 4)
+    case = Case(ModelSpec(input_shape=(1, 3, 4, 4), layers=(Conv(3, 3), Act("sigmoid"))),
+                QuantSetup("pt2e", kind="x86", per_channel=False), ((x,),), ((x,),), ("linspace",))
+    status = replay("qref.properties.test_equivalence", "test_fixed_qparams_op_matches_reference", "qref-pt2e",
+                    case, {"fold_quantize": True})
     out = capsys.readouterr().out
     assert status == 0 and "not run: the case does not meet the property's assumptions" in out, out

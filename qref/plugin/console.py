@@ -104,6 +104,10 @@ class Console:
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         for line in pytest_report_header(self.config) or []:
             self._line(line)
+        workers = self.config.getoption("numprocesses", None)
+        if workers and self.config.pluginmanager.hasplugin("qref.isolation"):
+            self._line(f"qref: the suite runs in {workers} isolated worker process{'es' if workers > 1 else ''}: "
+                       "a converter that crashes one fails only the property it was running")
         self.thread.start()
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:

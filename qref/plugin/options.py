@@ -4,6 +4,8 @@ Any ``--qref-*`` option switches the plugin on; without one it only declares the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from qref import report as _report
@@ -15,20 +17,53 @@ TIERS = _report.TIERS
 FAMILIES = _report.FAMILIES
 PROFILE_ENV = "QREF_PROFILE"
 
-# option dest -> flag; any of them switches the plugin on
-OPTIONS = {
-    "qref_converter": "--qref-converter",
-    "qref_flow": "--qref-flow",
-    "qref_profile": "--qref-profile",
-    "qref_engine": "--qref-engine",
-    "qref_report": "--qref-report",
-    "qref_html": "--qref-html",
-    "qref_artifacts": "--qref-artifacts",
-    "qref_expectations": "--qref-expectations",
-    "qref_expected_as_skip": "--qref-expected-as-skip",
-    "qref_seed": "--qref-seed",
-    "qref_timeout": "--qref-timeout",
-}
+@dataclass(frozen=True)
+class Option:
+    """One option, declared once: ``--qref-NAME`` for pytest, ``--NAME`` for ``qref check``
+    (which passes it on as ``--qref-NAME``)."""
+
+    name: str
+    help: str
+    metavar: str | None = None
+    choices: tuple | None = None
+    type: type | None = None
+    flag: bool = False  # given or not (store_true)
+    repeat: bool = False  # may be given several times
+    in_cli: bool = True  # qref check has it (the converter is its positional argument instead)
+
+    @property
+    def dest(self) -> str:
+        return "qref_" + self.name.replace("-", "_")
+
+    def kwargs(self, cli: bool = False) -> dict:
+        if self.flag:
+            return {"action": "store_true", "default": False, "help": self.help}
+        kwargs = {"help": self.help, "metavar": self.metavar, "choices": self.choices, "type": self.type}
+        if self.repeat:  # pytest: --qref-engine A --qref-engine B; qref check: --engine A B
+            kwargs.update(action="extend", nargs="+") if cli else kwargs.update(action="append")
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+
+OPTIONS = (
+    Option("converter", "converter to check: qref-pt2e, torchao-pt2e, qref-fx, torch-fx, module:attribute, "
+           "or a name registered under the entry-point group qref.converters", metavar="TARGET", in_cli=False),
+    Option("flow", "conversion flow (inferred from the converter when possible); tests of the other flow are "
+           "deselected", choices=FLOWS),
+    Option("profile", f"Hypothesis profile: quick (20 examples per property), default (100), thorough (1000); "
+           f"also ${PROFILE_ENV}; --hypothesis-profile wins", choices=PROFILES),
+    Option("engine", "quantized engine(s) to exercise (default: every engine that runs here)", metavar="NAME",
+           repeat=True),
+    Option("report", "write the conformance report as JSON", metavar="FILE.json"),
+    Option("html", "write the conformance report as one self-contained HTML page (failures with their model "
+           "code, first divergence and a plot of the error at each quantize point)", metavar="FILE.html"),
+    Option("artifacts", "write DIR/<test>/repro.py and inputs.pt for each failing property", metavar="DIR"),
+    Option("expectations", "TOML file of expected failures, tolerances and accepted not-exercised properties, "
+           "each with a mandatory reason (qref check: qref's own list by default)", metavar="FILE"),
+    Option("expected-as-skip", "skip expected failures instead of running them (saves shrinking time)", flag=True),
+    Option("seed", "Hypothesis seed, for a repeatable run (as --hypothesis-seed N)", metavar="N", type=int),
+    Option("timeout", "time limit in seconds for one converter call (a hang fails the property)", metavar="S",
+           type=float),
+)
 MARKERS = (
     "qref_family(name): property family: " + ", ".join(FAMILIES),
     "qref_tier(name): tier, run in this order: " + " < ".join(TIERS),
@@ -39,60 +74,13 @@ MARKERS = (
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("qref", "qref: check a quantization converter against the property suite")
-    group.addoption(
-        "--qref-converter",
-        metavar="TARGET",
-        help="converter to check: qref-pt2e, torchao-pt2e, qref-fx, torch-fx, module:attribute, "
-        "or a name registered under the entry-point group qref.converters",
-    )
-    group.addoption(
-        "--qref-flow",
-        choices=FLOWS,
-        help="conversion flow (inferred from the converter when possible); tests of the other flow "
-        "are deselected",
-    )
-    group.addoption(
-        "--qref-profile",
-        choices=PROFILES,
-        help=f"Hypothesis profile of the suite (sets ${PROFILE_ENV}); --hypothesis-profile wins",
-    )
-    group.addoption(
-        "--qref-engine",
-        action="append",
-        metavar="NAME",
-        help="quantized engine to exercise (repeatable; default: every engine that runs here)",
-    )
-    group.addoption("--qref-report", metavar="FILE.json", help="write the conformance report as JSON")
-    group.addoption("--qref-html", metavar="FILE.html",
-                    help="write the conformance report as one self-contained HTML page (failures with their "
-                    "model code, first divergence and a plot of the error at each quantize point)")
-    group.addoption(
-        "--qref-artifacts",
-        metavar="DIR",
-        help="write DIR/<test>/repro.py and inputs.pt for each failing test that recorded a reproducer",
-    )
-    group.addoption(
-        "--qref-expectations",
-        metavar="FILE",
-        help="TOML file of expected failures / tolerance overrides, each with a mandatory reason",
-    )
-    group.addoption(
-        "--qref-expected-as-skip",
-        action="store_true",
-        default=False,
-        help="skip expected failures instead of running them as xfail (saves shrinking time)",
-    )
-    group.addoption("--qref-seed", type=int, metavar="N", help="Hypothesis seed (as --hypothesis-seed N)")
-    group.addoption(
-        "--qref-timeout",
-        type=float,
-        metavar="S",
-        help="time limit in seconds for one converter call (fixture qref_timeout)",
-    )
+    for option in OPTIONS:
+        group.addoption(f"--qref-{option.name}", dest=option.dest, **option.kwargs())
 
 
 def active(config: pytest.Config) -> bool:
-    return any(config.getoption(dest, None) not in (None, False, []) for dest in OPTIONS)
+    """Any ``--qref-*`` option given switches the plugin on."""
+    return any(config.getoption(option.dest, None) not in (None, False, []) for option in OPTIONS)
 
 
 def is_worker(config: pytest.Config) -> bool:

@@ -66,6 +66,11 @@ class Controller:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.state.outcomes.add(report)
+        info = getattr(report, "qref", None) or {}
+        if report.failed and report.when == "call" and self.state.failures_dir is not None \
+                and info.get("tier") in TIERS:
+            # a worker that crashed could not tell the others: gate the higher tiers from here
+            add_tier_failure(self.state, (tier_rank(info["tier"]), info["tier"], info.get("flow"), report.nodeid))
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         if report.failed:
