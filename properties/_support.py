@@ -124,13 +124,14 @@ class Subject:
         try:
             import torch
 
-            # a trial run, which must not change what later runs compute: the reference it is
-            # compared with has not been run (a model may update buffers when called)
-            buffers = [(b, b.clone()) for b in converted.buffers()]
+            # a trial run, which must change nothing: the reference it is compared with has not
+            # been run, and a converter that converted in place shares its tensors with the
+            # prepared model (a model may update buffers, or plain tensor attributes, when called)
+            state = _tensor_state(converted)
             with torch.no_grad():
                 converted(*case.inputs[0])
-                for buffer, saved in buffers:
-                    buffer.copy_(saved)
+                for tensor, saved in state:
+                    tensor.copy_(saved)
         except Exception as error:  # noqa: BLE001 - any failure to run is the converter's
             self.fail(case, cannot_run_message(error))
         return converted
@@ -213,6 +214,19 @@ class _CaseDraw:
 
     def draw(self, strategy, label=None):
         return self.case
+
+
+def _tensor_state(model) -> list:
+    """(tensor, copy) for every tensor a module holds: parameters, buffers, plain attributes."""
+    import torch
+
+    seen, state = set(), []
+    for module in model.modules():
+        for value in [*module.parameters(recurse=False), *module.buffers(recurse=False), *vars(module).values()]:
+            if isinstance(value, torch.Tensor) and id(value) not in seen:
+                seen.add(id(value))
+                state.append((value, value.detach().clone()))
+    return state
 
 
 def divergence(comparison) -> dict:

@@ -97,7 +97,7 @@ def _pt2e_matches_reference(subject, case, fold_quantize: bool, premise=None):
     subject.record.lsb(result.max_lsb)
     if not result.ok:
         subject.fail(case, f"{subject.target} vs qref reference (fold_quantize={fold_quantize}):\n"
-                           f"{result.message()}")
+                           f"{result.message()}", comparison=result)
 
 
 def _grouped_conv_case():
@@ -226,7 +226,7 @@ def test_reference_representation_matches_reference(subject, case):
     subject.record.lsb(exact.max_lsb)
     if not exact.ok:
         subject.fail(case, f"{subject.target}(use_reference_representation=True) vs qref's reference "
-                           f"representation:\n{exact.message()}")
+                           f"representation:\n{exact.message()}", comparison=exact)
     inputs, replaced = _inputs_rounded_alike(qdq, case.inputs)
     if replaced:
         event("graph-input ties fed as the representation rounds them (input-rounding allowance)")
@@ -235,7 +235,7 @@ def test_reference_representation_matches_reference(subject, case):
     if not result.outputs_ok:
         allowance = f"\n  {replaced} graph-input elements at ties: {INPUT_ROUNDING}" if replaced else ""
         subject.fail(case, f"{subject.target}(use_reference_representation=True) vs qref's q/dq reference:\n"
-                           f"{result.outputs_message()}{allowance}")
+                           f"{result.outputs_message()}{allowance}", comparison=result)
 
 
 def _fx_matches_reference(subject, case):
@@ -248,7 +248,7 @@ def _fx_matches_reference(subject, case):
     subject.record.lsb(result.max_lsb)
     if not result.ok:
         subject.fail(case, f"{subject.target} vs qref.convert_fx, both lowered on {case.setup.engine}:\n"
-                           f"{result.message()}")
+                           f"{result.message()}", comparison=result)
 
 
 @pytest.mark.qref_flow("fx")

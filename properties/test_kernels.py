@@ -25,7 +25,7 @@ from qref.compare import Tolerance, compare, compare_lowered
 from qref.engines import Layer, has_vnni, known_deviation
 from qref.strategies import cases
 
-from ._support import budget, subject  # noqa: F401 (subject: fixture)
+from ._support import budget, divergence, subject  # noqa: F401 (subject: fixture)
 
 pytestmark = [pytest.mark.qref_family("kernels"), pytest.mark.qref_flow("fx")]
 
@@ -132,6 +132,7 @@ def _kernel_verdict(subject, engine, reference, lowered, inputs) -> tuple[dict, 
         subject.record.note(f"{engine}: {path} {lsb} LSB, known deviation: {deviation}")
     if not unexplained:
         return excused, None
+    subject.record.divergence(divergence(result))
     shown = "" if not excused else "\n  excused: " + "; ".join(
         f"{path} ({(result.points.get(path) or result.outputs[path]).max_lsb} LSB, {d.name})"
         for path, d in excused.items())

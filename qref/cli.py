@@ -126,8 +126,8 @@ def pytest_args(options: argparse.Namespace, flow: str, suite: Path, passthrough
         args += ["-p", "qref.plugin.console"]
     for option in OPTIONS:
         value = getattr(options, option.dest, None)
-        if not option.in_cli or option.name in ("flow", "expectations") or value in (None, False, []):
-            continue
+        if not option.in_cli or option.name in ("flow", "expectations") or value is None or value is False:
+            continue  # (0 is a seed)
         for one in value if option.repeat else [value]:
             args += [f"--qref-{option.name}"] + ([] if option.flag else [str(one)])
     return args + passthrough

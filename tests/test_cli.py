@@ -196,13 +196,31 @@ def test_real_suite_is_located_and_invoked_in_isolation():
     assert Path(cli.default_expectations()).is_file()
 
 
+def test_every_option_reaches_pytest_as_the_plugin_declares_it():
+    """qref check's options are the plugin's (declared once): each given value arrives as --qref-NAME,
+    a seed of 0 included, and -v leaves pytest's own output on."""
+    from qref.plugin.options import OPTIONS
+
+    suite = cli.suite_dir()
+    argv = ["check", "qref-pt2e", "--seed", "0", "--profile", "default", "--report", "r.json", "--html", "r.html",
+            "--artifacts", "a", "--expected-as-skip", "--timeout", "5", "--engine", "x86"]
+    args = cli.pytest_args(cli._parser().parse_args(argv), "pt2e", suite, [])
+    for name, value in [("seed", "0"), ("profile", "default"), ("report", "r.json"), ("html", "r.html"),
+                        ("artifacts", "a"), ("timeout", "5.0"), ("engine", "x86")]:
+        assert args[args.index(f"--qref-{name}") + 1] == value, name
+    assert "--qref-expected-as-skip" in args and "qref.plugin.console" in args
+    assert {o.name for o in OPTIONS if o.in_cli} <= {a[2:] for a in argv if a.startswith("--")} | {"flow", "expectations"}
+    verbose = cli.pytest_args(cli._parser().parse_args(["check", "qref-pt2e", "-v"]), "pt2e", suite, [])
+    assert "qref.plugin.console" not in verbose
+
+
 def test_default_expectations_file_is_valid():
     from qref.expectations import load
 
     entries = load(cli.default_expectations())
     assert [e.test for e in entries] == ["qat_prepare_keeps_bn_eps*", "reference_representation_*",
                                          "qat_fake_quant_trains_with_the_qparams_convert_uses*",
-                                         "fx_prepared_model_not_silently_changed*"]
+                                         "fx_prepared_model_not_silently_changed*", "qat_fold_uses_the_graphs_bn_eps*"]
     assert entries[0].matches("properties/test_folding.py::test_qat_prepare_keeps_bn_eps_and_momentum")
     assert "prepare_qat_pt2e" in entries[0].reason and entries[0].kind == "xfail"
     assert entries[0].converter is None  # a prepare-stage defect: whatever the converter

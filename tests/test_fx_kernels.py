@@ -218,7 +218,7 @@ def test_onednn_conv_transpose_with_unequal_channels_is_named(engine):
             assert (known_deviation(engine, layer, result.max_lsb) is ONEDNN_DECONV_CHANNELS) == seen_here
     print(f"\n[{engine} ConvTranspose2d 3->2 / 3->3] max {worst[(3, 2)]} / {worst[(3, 3)]} LSB")
     assert worst[(3, 3)] <= 1
-    if {"avx512_vnni", "amx_int8"} <= _cpu_flags():  # where it was seen
+    if "avx512_vnni" in _cpu_flags():  # where it was seen (with and without AMX)
         assert worst[(3, 2)] > 1, "onednn's ConvTranspose no longer deviates here: update ONEDNN_DECONV_CHANNELS"
         assert worst[(3, 2)] <= ONEDNN_DECONV_CHANNELS.max_lsb(Layer(lowered.get_submodule("conv0")))
 
