@@ -55,3 +55,14 @@ def test_unknown_and_conflicting_keys_are_refused(tmp_path):
         load(path)
     path.write_text('[[expect]]\ntest = "x"\nreason = "no weights here"\nnot_exercised = true\n')
     assert load(path)[0].kind == "not-exercised"
+
+
+def test_torchao_counter_entry_expects_only_batch_norm_counters():
+    (entry,) = [e for e in DEFAULTS if "qat_fold_leaves_prepared_model_unchanged" in e.test]
+    head = "the converter mutated the prepared model it was given (its graph was rewritten in place): "
+    assert entry.expects(head + "parameters and buffers changed: bn1.num_batches_tracked\n\nmodel: ...")
+    assert not entry.expects(head + "parameters and buffers changed: bn1.num_batches_tracked, conv0.weight\n\nm")
+    assert not entry.expects(head + "parameters and buffers changed: bn1.num_batches_tracked; observer statistics "
+                                    "changed: x\n\nm")
+    assert entry.converter == "torchao-pt2e" and entry.torchao == "==0.18.*"
+    assert entry.matches("properties/test_contract.py::test_prepared_model_not_silently_changed")

@@ -454,3 +454,31 @@ def test_torchao_move_to_eval_resets_bn_eps():
     move_to_eval(ours)
     assert [eps for _, eps in _prepared_bn_settings(ours)] == [0.1]
     assert [eps for _, eps in _prepared_bn_settings(theirs)] == [1e-5]
+
+
+def test_torchao_constant_folding_runs_the_batch_norm_counter_of_the_prepared_model():
+    """Pins torchao 0.18: with fold_quantize=True its constant folding evaluates the QAT graph's
+    in-place ``num_batches_tracked.add_(1)`` (a subgraph of constants only), so the prepared model's
+    counter moves by one; without folding, and in qref, it does not (the default expectation for
+    the prepared-model-unchanged properties names this buffer only)."""
+    import qref
+    from qref.converters import resolve
+    from qref.strategies.cases import prepare_case
+    from qref.strategies.models import BatchNorm, Conv, ModelSpec
+    from qref.strategies.setups import QuantSetup
+
+    spec = ModelSpec(input_shape=(2, 1, 1), layers=(Conv(1, 1, dim=1), BatchNorm(num_features=1, dim=1)))
+    setup = QuantSetup("pt2e", qat=True, kind="qref", per_channel=False, act_dtype="int8", observer="minmax")
+    x = torch.linspace(-1, 1, 2).reshape(2, 1, 1)
+    torchao = resolve("torchao-pt2e").fn
+
+    def counter_after(convert, **flags) -> int:
+        prepared = prepare_case(spec, setup, [(x,)])
+        counter = prepared.state_dict(keep_vars=True)["bn1.num_batches_tracked"]
+        before = int(counter)
+        convert(prepared, **flags)
+        return int(counter) - before
+
+    assert counter_after(torchao, fold_quantize=True) == 1
+    assert counter_after(torchao, fold_quantize=False) == 0
+    assert counter_after(qref.convert_pt2e, fold_quantize=True) == 0
