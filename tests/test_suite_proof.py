@@ -22,8 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 QREF = Path(sys.executable).with_name("qref")
 
 
+# QREF_PROOF_SEED=N runs the proof at another seed (CI: 0)
+PROOF_SEED = int(os.environ.get("QREF_PROOF_SEED", "0"))
+
+
 def check(target: str, flow: str, tmp_path: Path, *pytest_args: str, shrink: bool = True,
-          options: tuple = (), profile: str = "quick", seed: int | None = 0) -> tuple[int, dict, str]:
+          options: tuple = (), profile: str = "quick", seed: int | None = PROOF_SEED) -> tuple[int, dict, str]:
     report = tmp_path / "report.json"
     seeded = ("--seed", str(seed)) if seed is not None else ()
     command = [str(QREF), "check", target, "--flow", flow, "--profile", profile, *seeded,
