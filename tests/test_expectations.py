@@ -66,3 +66,38 @@ def test_torchao_counter_entry_expects_only_batch_norm_counters():
                                     "changed: x\n\nm")
     assert entry.converter == "torchao-pt2e" and entry.torchao == "==0.18.*"
     assert entry.matches("properties/test_contract.py::test_prepared_model_not_silently_changed")
+
+
+def _run_single_op(tmp_path, expectations: str | None):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "-m", "pytest", str(root / "properties" / "test_equivalence.py"), "-q",
+            "-p", "no:cacheprovider", "-k", "test_single_op_matches_reference", "--qref-seed", "0",
+            "--qref-converter", "tests.mutants.pt2e:zero_point_off_by_one", "--qref-report", str(tmp_path / "r.json")]
+    if expectations is not None:
+        (tmp_path / "e.toml").write_text(expectations)
+        args += ["--qref-expectations", str(tmp_path / "e.toml")]
+    done = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(root)))
+    (test,) = json.loads((tmp_path / "r.json").read_text())["tests"]
+    return done.returncode, test
+
+
+def test_max_lsb_is_the_tolerance_the_property_compares_with(tmp_path):
+    """An expectations entry's max_lsb reaches the comparison: the zero-point mutant (a few LSB off)
+    fails exactly, passes with a wide enough max_lsb, and fails a narrow one naming the entry."""
+    status, test = _run_single_op(tmp_path, None)
+    assert status == 1 and test["status"] == "failed"
+    worst = test["max_lsb"]
+    assert worst >= 2
+    wide = f'[[expect]]\ntest = "single_op_matches_reference"\nreason = "my kernels round differently"\nmax_lsb = {worst + 1}\n'
+    status, test = _run_single_op(tmp_path, wide)
+    assert status == 0 and test["status"] == "passed", test
+    narrow = wide.replace(f"max_lsb = {worst + 1}", "max_lsb = 1")
+    status, test = _run_single_op(tmp_path, narrow)
+    assert status == 1 and "expectations entry: my kernels round differently" in test["message"], test
