@@ -151,15 +151,37 @@ def _skip_reason(report: Any) -> str:
     return reason.removeprefix("Skipped: ")
 
 
+FLAKY_PREFIX = "flaky: it failed once and passed when Hypothesis ran the example again: "
+
+
 def _failure_text(report: Any) -> str:
     crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
     text = (getattr(crash, "message", None) or str(report.longrepr or "")).strip()
+    if "FlakyFailure" in text:  # Hypothesis' wrapper says nothing: the first failure's message does
+        text = FLAKY_PREFIX + _first_failure(str(report.longrepr or ""))
     return text.removeprefix("Failed: ")[:4000]  # pytest.fail's own prefix says nothing
+
+
+def _first_failure(longrepr: str) -> str:
+    """The message Hypothesis could not reproduce, from its FlakyFailure report."""
+    lines = longrepr.splitlines()
+    start = next((i for i, line in enumerate(lines) if "Failed to reproduce exception. Expected:" in line), None)
+    if start is None:
+        return "(the first failure's message was not kept)"
+    found = []
+    for line in lines[start + 1:]:
+        content = line.strip().removeprefix("|").strip()
+        if not content or line.lstrip().startswith("+-"):
+            break
+        found.append(content)
+    return "\n".join(found) or "(the first failure's message was not kept)"
 
 
 def _failure_line(report: Any) -> str:
     crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
     message = getattr(crash, "message", None) or str(report.longrepr or "")
+    if "FlakyFailure" in message:
+        message = _failure_text(report)
     lines = [line for line in message.splitlines() if line.strip()]
     prefix = "" if report.when == "call" else f"error in {report.when}: "
     return prefix + (lines[0].strip().removeprefix("Failed: ") if lines else "failed")

@@ -845,3 +845,28 @@ def test_expected_failure_that_did_not_occur_says_so(pytester):
     assert result.ret == 0
     result.stdout.fnmatch_lines(["*defect_fixed*did not occur: the upstream defect may be fixed; narrow or "
                                  "remove this entry*"])
+
+
+def test_a_flaky_failure_reports_the_failure_hypothesis_could_not_reproduce(pytester):
+    pytester.makepyfile(fakeconv=FAKECONV, test_flaky="""
+        import pytest
+        from hypothesis import given, settings, strategies as st
+        from qref.tally import compared
+
+        calls = []
+
+        @pytest.mark.qref_family("equivalence")
+        @settings(max_examples=5, database=None)
+        @given(st.integers())
+        def test_once(n):
+            compared()
+            calls.append(n)
+            if len(calls) == 1:
+                pytest.fail("candidate vs reference:\\nfirst divergence: conv0 (3 LSB)", pytrace=False)
+        """)
+    result = pytester.runpytest("--qref-converter", "fakeconv:good", "--qref-report", "report.json")
+    assert result.ret == 1
+    (test,) = _report(pytester)["tests"]
+    assert test["status"] == "failed"
+    assert test["reason"].startswith("flaky: it failed once and passed when Hypothesis ran the example again")
+    assert "first divergence: conv0 (3 LSB)" in test["message"] and "_WrappedBaseException" not in test["message"]
