@@ -308,9 +308,11 @@ def lower_weighted_modules(g: _Graph) -> None:
         _, scale, zero_point, _ = q.args
         set_module(g.model, ref.target, build_weighted(cls, module, g.attr(scale), g.attr(zero_point)))
         _bypass_dequantize(ref, ref.args)
-        # torch drops an unfused ReLU here, which is only right when the zero point is the
-        # dtype's minimum; ReLU on the quantized output is exact in every case.
-        q.replace_all_uses_with(relu if relu is not None else ref)
+        # torch drops an unfused ReLU here, which is right only when the zero point is the
+        # dtype's minimum (the quantize's clamp is the ReLU then): so does qref, point for point
+        # like torch; otherwise ReLU on the quantized output is kept (torch is wrong there)
+        keep = relu is not None and int(g.attr(zero_point)) != torch.iinfo(q.args[3]).min
+        q.replace_all_uses_with(relu if keep else ref)
         g.erase(q, scale, zero_point)
 
 
