@@ -202,8 +202,9 @@ class Console:
         if state is not None:
             counts = _report_counts(state)
             bad = {k: n for k, n in counts.items() if n and k in ("failed", "not exercised", "not run")}
-            verdict = ("every property holds" if not bad and counts.get("passed")
-                       else ", ".join(f"{n} {k}" for k, n in bad.items()) or "no property ran")
+            expected = f" ({counts['xfailed']} expected failures)" if counts.get("xfailed") else ""
+            verdict = (", ".join(f"{n} {k}" for k, n in bad.items()) if bad
+                       else f"every property holds{expected}" if sum(counts.values()) else "no property ran")
             self._line(f"qref verdict: {verdict} ({time.monotonic() - self.started:.0f} s)")
         self._cleanup()
 
