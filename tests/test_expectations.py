@@ -78,7 +78,7 @@ def _run_single_op(tmp_path, expectations: str | None):
     root = Path(__file__).resolve().parents[1]
     args = [sys.executable, "-m", "pytest", str(root / "properties" / "test_equivalence.py"), "-q",
             "-p", "no:cacheprovider", "-k", "test_single_op_matches_reference", "--qref-seed", "0",
-            "--qref-converter", "tests.mutants.pt2e:zero_point_off_by_one", "--qref-report", str(tmp_path / "r.json")]
+            "--qref-converter", "tests.test_expectations:output_dequantize_two_steps_off", "--qref-report", str(tmp_path / "r.json")]
     if expectations is not None:
         (tmp_path / "e.toml").write_text(expectations)
         args += ["--qref-expectations", str(tmp_path / "e.toml")]
@@ -88,16 +88,30 @@ def _run_single_op(tmp_path, expectations: str | None):
     return done.returncode, test
 
 
+def output_dequantize_two_steps_off(model, use_reference_representation=False, fold_quantize=True):
+    """qref's pt2e conversion, except that a dequantize feeding the graph's output reads
+    zero_point - 2: every integer point is exact, a dequantized output is exactly 2 LSB off."""
+    from qref.pt2e.ops import DEQUANTIZE, is_call, schema_arguments
+    from tests.mutants._graph import convert_and_edit, set_args
+
+    def edit(gm):
+        (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+        for node in output.all_input_nodes:
+            if is_call(node, DEQUANTIZE):
+                set_args(node, zero_point=schema_arguments(node)["zero_point"] - 2)
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
 def test_max_lsb_is_the_tolerance_the_property_compares_with(tmp_path):
-    """An expectations entry's max_lsb reaches the comparison: the zero-point mutant (a few LSB off)
-    fails exactly, passes with a wide enough max_lsb, and fails a narrow one naming the entry."""
+    """An expectations entry's max_lsb reaches the comparison: a converter whose dequantized
+    outputs are exactly 2 LSB off (and whose integer points are exact, so no example is further
+    off) fails exactly, passes with max_lsb = 2, and fails max_lsb = 1 naming the entry."""
     status, test = _run_single_op(tmp_path, None)
-    assert status == 1 and test["status"] == "failed"
-    worst = test["max_lsb"]
-    assert worst >= 2
-    wide = f'[[expect]]\ntest = "single_op_matches_reference"\nreason = "my kernels round differently"\nmax_lsb = {worst + 1}\n'
-    status, test = _run_single_op(tmp_path, wide)
-    assert status == 0 and test["status"] == "passed", test
-    narrow = wide.replace(f"max_lsb = {worst + 1}", "max_lsb = 1")
-    status, test = _run_single_op(tmp_path, narrow)
-    assert status == 1 and "expectations entry: my kernels round differently" in test["message"], test
+    assert status == 1 and test["status"] == "failed", test.get("message")
+    assert test["max_lsb"] == 2, test.get("message")
+    entry = '[[expect]]\ntest = "single_op_matches_reference"\nreason = "my kernels round differently"\nmax_lsb = 2\n'
+    status, test = _run_single_op(tmp_path, entry)
+    assert status == 0 and test["status"] == "passed", test.get("message")
+    status, test = _run_single_op(tmp_path, entry.replace("max_lsb = 2", "max_lsb = 1"))
+    assert status == 1 and "expectations entry: my kernels round differently" in test["message"], test.get("message")
