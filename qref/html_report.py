@@ -50,7 +50,7 @@ def write(document: dict, path: str | Path) -> Path:
 
 
 def render(document: dict) -> str:
-    """The whole page for a ``qref-report/2`` document, as a string.
+    """The whole page for a ``qref-report/2`` or ``/3`` document, as a string.
 
     Tolerates absent optional fields (the schema leaves empty ones out) and failing tests
     without a ``divergence`` or a ``reproducer``; never reads files or the network.
@@ -64,6 +64,7 @@ def render(document: dict) -> str:
             _collection_errors(document.get("collection_errors") or []),
             _conformance_table(document.get("properties") or [], anchors),
             _failures(failing, anchors),
+            _coverage(document.get("coverage")),
             _expectations(document.get("expectations")),
         ]
     )
@@ -251,6 +252,25 @@ def _conformance_table(properties: list[dict], anchors: dict) -> str:
         '<th scope="col">compared/drawn</th><th scope="col">status</th><th scope="col">reason</th>'
         "</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table>\n</section>"
     )
+
+
+def _coverage(coverage: dict | None) -> str:
+    """Every combination the compared examples covered, and the known values never compared."""
+    if not coverage:
+        return ""
+    axes = coverage.get("axes") or []
+    head = "".join(f"<th>{_e(a)}</th>" for a in axes) + "<th>examples</th>"
+    rows = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in c) + "</tr>"
+                   for c in coverage.get("combinations") or [])
+    never = coverage.get("never_compared") or {}
+    gaps = "".join(f"<li>{_e(axis)}: {_e(', '.join(values))}</li>" for axis, values in never.items())
+    required = coverage.get("required_missing") or []
+    text = (f'<p>{_status_badge("failed")} required by --coverage-at-least but never compared: '
+             f'{_e(", ".join(required))}</p>'
+            if required else "")
+    text += f"<p>Known to the suite but never compared in this run:</p><ul>{gaps}</ul>" if gaps else ""
+    return ('<section id="coverage"><h2>Coverage</h2>' + text
+            + f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></section>")
 
 
 def _expectations(expectations: dict | None) -> str:

@@ -23,7 +23,7 @@ __all__ = [
     "rows",
 ]
 
-SCHEMA_VERSION = 2  # 2: compared/drawn examples, "not exercised"
+SCHEMA_VERSION = 3  # 2: compared/drawn examples, "not exercised"; 3: coverage
 FAMILIES = ("primitives", "equivalence", "folding", "kernels", "contract")
 TIERS = ("primitives", "ops", "patterns", "models")
 NOT_RUN_PREFIX = "not run because "
@@ -60,6 +60,7 @@ class TestOutcome:
     drawn: int | None = None  # examples run (None: not counted, e.g. not a property)
     compared: int | None = None  # examples really compared
     not_compared: dict[str, int] = field(default_factory=dict)  # cause -> examples
+    coverage: list = field(default_factory=list)  # [*qref.coverage.Combination, examples] compared
 
     def to_json(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if v not in (None, [], {})}
@@ -93,6 +94,7 @@ class Outcomes:
         if info.get("tally"):
             tally = info["tally"]
             out.drawn, out.compared, out.not_compared = tally["drawn"], tally["compared"], dict(tally["not_compared"])
+            out.coverage = [list(c) for c in tally.get("coverage", ())]
         out.duration += getattr(report, "duration", 0.0) or 0.0
         for key, value in getattr(report, "user_properties", ()):
             if key == "qref_max_lsb" and value is not None:
@@ -331,6 +333,7 @@ def build_json(
     expectations: dict | None,
     exit_status: int,
     collection_errors: list[dict] | None = None,
+    coverage: dict | None = None,
 ) -> dict:
     """The machine-readable report (``--qref-report``); ``schema`` versions its layout."""
     c = counts(outcomes)
@@ -353,4 +356,6 @@ def build_json(
         "properties": [r.to_json() for r in rows(outcomes)],
         "tests": [o.to_json() for o in sorted(outcomes, key=lambda o: o.nodeid)],
         "expectations": expectations,
+        # what the compared examples covered, and what the suite knows but this run never compared
+        "coverage": coverage,
     }

@@ -10,8 +10,10 @@ each example:
 
 The plugin counts the examples (each run of the test's body) in a :class:`Tally` per test and
 reports ``compared/drawn`` with the causes; a property whose examples were all left uncompared is
-reported "not exercised" and fails unless an expectations entry names why.  Outside a counted
-test (a reproducer, a plain call) these functions do nothing.  Imports neither torch nor hypothesis.
+reported "not exercised" and fails unless an expectations entry names why.  A compared example
+also adds what it covered (``qref.coverage``, read from its drawn arguments) to the tally.  Outside
+a counted test (a reproducer, a plain call) these functions do nothing.  Imports neither torch nor
+hypothesis.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Tally:
         self.drawn = 0
         self.compared = 0
         self.causes: Counter[str] = Counter()
+        self.coverage: Counter = Counter()  # qref.coverage.Combination -> compared examples
         self._compared_now = False
         self._cause_now: str | None = None
         self._on_example = on_example  # called with this tally after each example (live progress)
@@ -64,20 +67,23 @@ class Tally:
             try:
                 result = body(*args, **kwargs)
             except BaseException as exc:
-                self._end(rejected=_is_rejection(exc), raised=not _is_rejection(exc))
+                self._end(kwargs, rejected=_is_rejection(exc), raised=not _is_rejection(exc))
                 raise
             finally:
                 _current = outer
-            self._end()
+            self._end(kwargs)
             return result
 
         return example
 
-    def _end(self, rejected: bool = False, raised: bool = False) -> None:
+    def _end(self, arguments: dict, rejected: bool = False, raised: bool = False) -> None:
+        from qref.coverage import of_example
+
         self.drawn += 1
         if self._compared_now or (raised and self._cause_now is None):
             # a failure is a verdict: the example was compared (or the property could not be)
             self.compared += 1
+            self.coverage.update(of_example(arguments))
         else:
             self.causes[self._cause_now or (self.REJECTED if rejected else self.SILENT)] += 1
         if self._on_example is not None:
@@ -95,7 +101,8 @@ class Tally:
         return text
 
     def to_json(self) -> dict:
-        return {"drawn": self.drawn, "compared": self.compared, "not_compared": dict(self.causes)}
+        return {"drawn": self.drawn, "compared": self.compared, "not_compared": dict(self.causes),
+                "coverage": [[*combination, n] for combination, n in sorted(self.coverage.items())]}
 
 
 def _is_rejection(exc: BaseException) -> bool:

@@ -62,7 +62,7 @@ DIVERGENCE_POINTS = [
 def make_document() -> dict:
     failing_id = "properties/test_equivalence.py::test_matches_reference[models-pt2e]"
     return {
-        "schema": "qref-report/2",
+        "schema": "qref-report/3",
         "converter": {"target": "my_pkg.convert:convert_pt2e", "flow": "pt2e",
                       "callable": "my_pkg.convert.convert_pt2e", "accepted": ["model"],
                       "not_exercised": ["fold_effect"]},
@@ -261,7 +261,7 @@ def test_nothing_is_fetched_from_outside_the_file():
 
 def test_absent_optional_fields_and_odd_values_render():
     # a minimal document: what the schema may leave out is left out
-    minimal = {"schema": "qref-report/2", "converter": None, "environment": {}, "exit_status": 5,
+    minimal = {"schema": "qref-report/3", "converter": None, "environment": {}, "exit_status": 5,
                "all_hold": False, "counts": {}, "properties": [], "tests": [], "expectations": None}
     page = html_report.render(minimal)
     assert "(no qref properties ran)" in page
@@ -540,3 +540,20 @@ def test_the_suite_against_a_broken_converter_writes_a_page_with_its_divergence(
     text = page.read_text()
     assert "<svg" in text and html.escape(first) in text
     assert "class Model(nn.Module)" in text  # the shrunk model as code
+
+
+def test_coverage_section_lists_combinations_and_what_was_never_compared():
+    document = make_document()
+    document["coverage"] = {
+        "axes": ["op", "scheme", "dtype", "observer", "weights", "stage", "quantizer"],
+        "combinations": [["conv2d", "affine", "uint8", "minmax", "per-tensor", "pt2e PTQ", "qref", 7]],
+        "by_axis": {},
+        "never_compared": {"op": ["linear", "matmul"]},
+        "required": ["linear"],
+        "required_missing": ["linear"],
+    }
+    text = " ".join(parse(html_report.render(document)).text)
+    assert "Coverage" in text and "conv2d" in text and "7" in text
+    assert "required by --coverage-at-least but never compared: linear" in text
+    assert "op: linear, matmul" in text
+    assert "Coverage" not in " ".join(parse(html_report.render(make_document())).text)

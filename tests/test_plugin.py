@@ -345,7 +345,7 @@ def test_conformance_table_in_terminal_summary(suite):
 
 
 def _check_report(document, *, xdist):
-    assert document["schema"] == "qref-report/2"
+    assert document["schema"] == "qref-report/3"
     assert document["converter"]["target"] == "fakeconv:only_fold"
     assert document["converter"]["not_exercised"] == ["use_reference_representation"]
     env = document["environment"]

@@ -205,6 +205,8 @@ class Console:
             expected = f" ({counts['xfailed']} expected failures)" if counts.get("xfailed") else ""
             verdict = (", ".join(f"{n} {k}" for k, n in bad.items()) if bad
                        else f"every property holds{expected}" if sum(counts.values()) else "no property ran")
+            if state.coverage_missing:
+                verdict += "; required coverage never compared: " + ", ".join(state.coverage_missing)
             self._line(f"qref verdict: {verdict} ({time.monotonic() - self.started:.0f} s)")
         self._cleanup()
 

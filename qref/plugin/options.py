@@ -61,6 +61,9 @@ OPTIONS = (
            "each with a mandatory reason (qref check: qref's own list by default)", metavar="FILE"),
     Option("expected-as-skip", "skip expected failures instead of running them (saves shrinking time)", flag=True),
     Option("seed", "Hypothesis seed, for a repeatable run (as --hypothesis-seed N)", metavar="N", type=int),
+    Option("coverage-at-least", "fail the run unless its compared examples covered each VALUE: an op (conv2d, "
+           "linear, matmul, ...), an activation dtype, an observer, per-channel or per-tensor weights, or a stage "
+           "('pt2e QAT'); the report lists every value", metavar="VALUE", repeat=True),
     Option("timeout", "time limit in seconds for one converter call (a hang fails the property)", metavar="S",
            type=float),
 )

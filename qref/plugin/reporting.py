@@ -8,6 +8,7 @@ import tempfile
 
 import pytest
 
+from qref import coverage
 from qref import report as _report
 
 from .artifacts import portable, write_artifact
@@ -92,6 +93,11 @@ class Controller:
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus) -> None:
         state = self.state
+        covered = coverage.of_run(state.outcomes.outcomes())
+        if state.coverage_required:
+            state.coverage_missing = coverage.not_covered(state.coverage_required, covered)
+            if state.coverage_missing and session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = exitstatus = pytest.ExitCode.TESTS_FAILED
         state.exit_status = int(exitstatus)
         if state.failures_dir is not None:
             shutil.rmtree(state.failures_dir, ignore_errors=True)
@@ -108,6 +114,8 @@ class Controller:
             expectations=self._expectations_json(),
             exit_status=int(exitstatus),
             collection_errors=state.collection_errors,
+            coverage=dict(coverage.to_json(covered, coverage.known(state.flow)), required=state.coverage_required,
+                          required_missing=state.coverage_missing),
         )
         if state.report_path is not None:
             state.report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +132,13 @@ class Controller:
         table = _report.rows(state.outcomes.outcomes())
         for line in _report.format_table(table, width=tr._tw.fullwidth):
             tr.write_line(line)
+        covered = coverage.of_run(state.outcomes.outcomes())
+        if covered:
+            for line in coverage.matrix_lines(covered, coverage.known(state.flow)):
+                tr.write_line(line)
+        if state.coverage_missing:
+            tr.write_line("coverage required by --coverage-at-least but never compared: "
+                          + ", ".join(state.coverage_missing), red=True)
         for error in state.collection_errors:
             tr.write_line(f"not checked, could not collect {error['nodeid']}: {error['error']}", red=True)
         if state.converter is not None and state.converter.not_exercised:

@@ -39,6 +39,8 @@ class State:
     environment: dict = field(default_factory=dict)
     collection_errors: list[dict] = field(default_factory=list)
     exit_status: int | None = None
+    coverage_required: list[str] = field(default_factory=list)  # --qref-coverage-at-least
+    coverage_missing: list[str] = field(default_factory=list)  # of those, never compared in this run
 
 
 STATE = pytest.StashKey[State]()
@@ -124,6 +126,16 @@ def _configure(config: pytest.Config, state: State) -> None:
         state.engines = list(dict.fromkeys(opt.qref_engine))
     else:
         state.engines = available
+
+    if opt.qref_coverage_at_least:
+        from qref import coverage
+
+        known = coverage.all_values()
+        unknown = [v for v in opt.qref_coverage_at_least if v not in known]
+        if unknown:
+            raise Usage(f"--qref-coverage-at-least: unknown value(s) {', '.join(map(repr, unknown))}; "
+                        f"known: {', '.join(sorted(known))}")
+        state.coverage_required = list(dict.fromkeys(opt.qref_coverage_at_least))
 
     here = config.invocation_params.dir
     if opt.qref_report:

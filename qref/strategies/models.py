@@ -99,6 +99,11 @@ class Layer(_Node):
         """Its module's attribute name, before the module number (``self.relu0``)."""
         return self.op
 
+    @classmethod
+    def ops_drawn(cls) -> tuple:
+        """Every ``op`` a layer of this kind can have (what a run's coverage is measured on)."""
+        return (cls.op,)
+
     def output_shape(self, shape: tuple) -> tuple:
         """The shape rule: the output shape on an input of ``shape`` (SpecError if invalid)."""
         raise NotImplementedError
@@ -114,6 +119,17 @@ class Layer(_Node):
     def forward(self, source: _Source, x: str) -> str:
         """The expression of its output on the variable ``x``: by default, its module called."""
         return f"self.{source.add_module(self)}({x})"
+
+
+def layer_kinds() -> list[type]:
+    """Every concrete layer kind (a :class:`Layer` subclass with an ``op``)."""
+    found, todo = [], [Layer]
+    while todo:
+        kind = todo.pop()
+        todo.extend(kind.__subclasses__())
+        if kind is not Layer and not kind.__name__.startswith("_"):
+            found.append(kind)
+    return sorted(found, key=lambda k: k.__name__)
 
 
 def propagate(layers: Iterable, shape: tuple) -> tuple:
@@ -149,6 +165,10 @@ class Conv(Layer):
     @property
     def op(self) -> str:
         return "conv_transpose" if self.transpose else f"conv{self.dim}d"
+
+    @classmethod
+    def ops_drawn(cls) -> tuple:
+        return ("conv1d", "conv2d", "conv_transpose")
 
     def output_side(self, n: int) -> int:
         """One spatial side of the output, from that side of the input."""
@@ -243,6 +263,10 @@ class Act(Layer):
     @property
     def op(self) -> str:
         return self.kind
+
+    @classmethod
+    def ops_drawn(cls) -> tuple:
+        return tuple(_ACTIVATIONS)
 
     def output_shape(self, shape: tuple) -> tuple:
         if self.kind not in _ACTIVATIONS:

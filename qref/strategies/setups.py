@@ -32,7 +32,9 @@ from hypothesis import strategies as st
 __all__ = ["QuantSetup", "quant_setups", "FX_ENGINES"]
 
 FX_ENGINES = ("fbgemm", "qnnpack", "x86", "onednn")
-_OBSERVERS = ("minmax", "histogram", "moving_average")
+OBSERVERS = ("minmax", "histogram", "moving_average")
+QAT_OBSERVERS = ("minmax", "moving_average")  # fake-quants have no histogram observer
+ACT_DTYPES = ("uint8", "int8")
 # engines whose kernels require reduce_range=True activations (7-bit, to avoid overflow)
 _REDUCE_RANGE_ENGINES = ("fbgemm", "x86")
 # torch has no get_x86_backend_config: its "x86" FX flow uses the native backend config
@@ -63,7 +65,7 @@ class QuantSetup:
             raise ValueError(f"pt2e quantizer must be 'x86' or 'qref', not {self.kind!r}")
         if self.flow == "fx" and self.kind not in ("default", "custom"):
             raise ValueError(f"fx quantizer must be 'default' or 'custom', not {self.kind!r}")
-        if self.observer not in _OBSERVERS or self.act_dtype not in ("uint8", "int8"):
+        if self.observer not in OBSERVERS or self.act_dtype not in ACT_DTYPES:
             raise ValueError(f"bad observer/act_dtype: {self.observer!r}/{self.act_dtype!r}")
         if self.qat and self.observer == "histogram":
             raise ValueError("QAT fake-quants use minmax or moving_average observers")

@@ -1,0 +1,164 @@
+"""What a run covered: the (op, scheme, dtype, observer, weights, stage, quantizer) combinations
+its properties compared, and what the suite can draw that a run never compared.
+
+A combination is read from each *compared* example (``qref.tally`` calls :func:`of_example` with
+the example's drawn arguments): a model case gives one combination per op of its model, a
+qparams case of the primitive properties one for the q/dq primitive.  Imports no torch; the
+universe of known values (:func:`known`) imports the strategies when asked.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable, NamedTuple
+
+__all__ = ["AXES", "Combination", "of_example", "known", "summary", "missing"]
+
+WEIGHTED_OPS = ("conv1d", "conv2d", "conv3d", "conv_transpose", "linear")
+PRIMITIVE = "q/dq primitive"
+NO_WEIGHTS = "-"
+
+
+class Combination(NamedTuple):
+    op: str  # a layer's op family (ModelSpec.ops), or "q/dq primitive"
+    scheme: str  # activations: affine | symmetric (+ " reduce_range")
+    dtype: str  # activation (or primitive) integer dtype
+    observer: str  # minmax | histogram | moving_average, "fake-quant (...)" in QAT
+    weights: str  # per-channel | per-tensor (weighted ops), "-" otherwise
+    stage: str  # "pt2e PTQ", "fx QAT", ..., "primitive"
+    quantizer: str  # pt2e x86 | qref; fx default | custom (with its engine)
+
+
+AXES = Combination._fields
+
+
+def of_example(arguments: dict) -> list[Combination]:
+    """The combinations one compared example covers, from its drawn arguments."""
+    out: list[Combination] = []
+    values = list(arguments.values())
+    values += [item for v in values if isinstance(v, tuple) for item in v]  # (tensor, qparams) draws
+    for value in values:
+        if hasattr(value, "spec") and hasattr(getattr(value, "setup", None), "flow"):
+            out.extend(_of_model_case(value))
+        elif hasattr(value, "quant_min") and hasattr(value, "dtype") and hasattr(value, "axis"):
+            out.append(_of_qparams(value))
+        elif hasattr(value, "qparams") and hasattr(value.qparams, "dtype"):
+            out.append(_of_qparams(value.qparams))
+    return out
+
+
+def _of_model_case(case) -> list[Combination]:
+    setup = case.setup
+    scheme = ("symmetric" if setup.symmetric else "affine") + (" reduce_range" if setup.reduce_range else "")
+    observer = f"fake-quant ({setup.observer})" if setup.qat else setup.observer
+    stage = f"{setup.flow} {'QAT' if setup.qat else 'PTQ'}"
+    quantizer = setup.kind if setup.engine is None else f"{setup.kind} ({setup.engine})"
+    granularity = "per-channel" if setup.per_channel else "per-tensor"
+    return [Combination(op, scheme, setup.act_dtype, observer, granularity if op in WEIGHTED_OPS else NO_WEIGHTS,
+                        stage, quantizer)
+            for op in sorted(case.spec.ops)]
+
+
+def _of_qparams(q) -> Combination:
+    weights = "per-tensor" if q.axis is None else f"per-channel (axis {q.axis})"
+    return Combination(PRIMITIVE, "-", str(q.dtype).replace("torch.", ""), "-", weights, "primitive", "-")
+
+
+def known(flow: str | None = None) -> dict[str, tuple]:
+    """Per axis, the values the suite's strategies can draw (the universe a run is measured on);
+    with ``flow``, only that flow's stages."""
+    from qref.strategies import models, setups
+
+    ops = sorted({op for kind in models.layer_kinds() for op in kind.ops_drawn()})
+    observers = list(setups.OBSERVERS) + [f"fake-quant ({o})" for o in setups.QAT_OBSERVERS]
+    return {
+        "op": tuple(ops) + (PRIMITIVE,),
+        "dtype": tuple(setups.ACT_DTYPES),
+        "observer": tuple(observers),
+        "weights": ("per-channel", "per-tensor"),
+        "stage": tuple(s for s in ("pt2e PTQ", "pt2e QAT", "fx PTQ", "fx QAT") if flow in (None, s.split()[0]))
+        + ("primitive",),
+    }
+
+
+def summary(counts: Counter) -> dict[str, dict[str, int]]:
+    """Per axis, how many compared examples covered each value."""
+    out: dict[str, Counter] = {axis: Counter() for axis in AXES}
+    for combination, n in counts.items():
+        for axis, value in zip(AXES, combination):
+            out[axis][value] += n
+    return {axis: dict(sorted(c.items())) for axis, c in out.items()}
+
+
+def missing(covered: Iterable[Combination], universe: dict[str, tuple] | None = None) -> dict[str, list[str]]:
+    """Per axis, the known values no compared example covered."""
+    universe = known() if universe is None else universe
+    seen: dict[str, set] = {axis: set() for axis in AXES}
+    for combination in covered:
+        for axis, value in zip(AXES, combination):
+            seen[axis].add(value)
+    return {axis: [v for v in values if v not in seen.get(axis, ())] for axis, values in universe.items()
+            if any(v not in seen.get(axis, ()) for v in values)}
+
+
+# --------------------------------------------------------------------------- a whole run
+
+
+def of_run(outcomes: Iterable) -> Counter:
+    """Combination -> compared examples, over every test of a run (``qref.report.TestOutcome``)."""
+    total: Counter = Counter()
+    for outcome in outcomes:
+        for *combination, n in outcome.coverage or ():
+            total[Combination(*combination)] += n
+    return total
+
+
+def to_json(counts: Counter, universe: dict[str, tuple] | None = None) -> dict:
+    """The report's ``coverage``: every combination compared (with its examples), the examples per
+    value of each axis, and the known values never compared."""
+    return {
+        "axes": list(AXES),
+        "combinations": [[*c, n] for c, n in sorted(counts.items())],
+        "by_axis": summary(counts),
+        "never_compared": missing(counts, universe),
+    }
+
+
+_SHORT_DTYPE = {"uint8": "u8", "int8": "i8", "int16": "i16", "int32": "i32"}
+
+
+def matrix_lines(counts: Counter, universe: dict[str, tuple] | None = None) -> list[str]:
+    """A compact matrix: one row per op, one column per stage, each cell the activation dtypes
+    compared there (``.`` none); then the known values this run never compared."""
+    universe = known() if universe is None else universe
+    stages = [s for s in universe["stage"] if any(c.stage == s for c in counts)] or list(universe["stage"])
+    ops = [op for op in universe["op"] if op != PRIMITIVE] + [PRIMITIVE]
+    ops += sorted({c.op for c in counts} - set(ops))
+    cells = {}
+    for c in counts:
+        cells.setdefault((c.op, c.stage), set()).add(_SHORT_DTYPE.get(c.dtype, c.dtype))
+    width = max(len(op) for op in ops)
+    widths = [max(len(s), 9) for s in stages]
+    lines = ["coverage (activation dtypes compared per op and stage):",
+             "  " + " " * width + "  " + "  ".join(s.ljust(w) for s, w in zip(stages, widths))]
+    for op in ops:
+        row = [",".join(sorted(cells.get((op, s), ()))) or "." for s in stages]
+        if op == PRIMITIVE and all(r == "." for r in row):
+            continue
+        lines.append("  " + op.ljust(width) + "  " + "  ".join(r.ljust(w) for r, w in zip(row, widths)))
+    gaps = missing(counts, universe)
+    if gaps:
+        lines.append("  never compared: " + "; ".join(f"{axis} {', '.join(v)}" for axis, v in gaps.items()))
+    return lines
+
+
+def all_values(universe: dict[str, tuple] | None = None) -> set[str]:
+    """Every value of every axis (what ``--coverage-at-least`` accepts)."""
+    universe = known() if universe is None else universe
+    return {v for values in universe.values() for v in values}
+
+
+def not_covered(required: Iterable[str], counts: Counter) -> list[str]:
+    """The required values (an op, dtype, observer, weights or stage value) no compared example had."""
+    seen = {value for c in counts for value in c}
+    return [value for value in required if value not in seen]

@@ -1,0 +1,135 @@
+"""What a pass covered: combinations read from compared examples, the run's summary, and
+``--coverage-at-least`` failing a run that never compared a required value."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from qref import coverage
+from qref.coverage import Combination
+from qref.strategies.models import Act, Conv, Linear, ModelSpec, Residual, layer_kinds
+from qref.strategies.setups import QuantSetup
+from qref.strategies.tensors import QParamsCase
+from qref.tally import Tally, compared, not_compared
+
+QREF = str(Path(sys.executable).with_name("qref"))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _case(layers, input_shape=(1, 2, 4, 4), **setup):
+    return SimpleNamespace(spec=ModelSpec(input_shape=input_shape, layers=layers),
+                           setup=QuantSetup(**{"flow": "pt2e", **setup}))
+
+
+def test_a_model_case_covers_each_of_its_ops_with_its_setup():
+    case = _case((Conv(2, 2), Residual((Act("relu"),))), qat=True, observer="minmax", per_channel=False)
+    got = coverage.of_example({"case": case, "fold_quantize": True})
+    assert got == [
+        Combination("add", "affine", "uint8", "fake-quant (minmax)", "-", "pt2e QAT", "qref"),
+        Combination("conv2d", "affine", "uint8", "fake-quant (minmax)", "per-tensor", "pt2e QAT", "qref"),
+        Combination("relu", "affine", "uint8", "fake-quant (minmax)", "-", "pt2e QAT", "qref"),
+    ]
+
+
+def test_an_fx_case_names_its_engine_and_reduced_range():
+    case = _case((Linear(4, 3),), input_shape=(2, 4), flow="fx", kind="default", engine="fbgemm",
+                 reduce_range=True)
+    (got,) = coverage.of_example({"case": case})
+    assert got.quantizer == "default (fbgemm)" and got.scheme == "affine reduce_range"
+    assert got.stage == "fx PTQ" and got.weights == "per-channel"
+
+
+def test_a_primitive_case_covers_its_dtype_and_axis():
+    q = QParamsCase(torch.ones(3), torch.zeros(3, dtype=torch.int64), 1, -128, 127, torch.int8)
+    (got,) = coverage.of_example({"q": q, "data": object()})
+    assert got == Combination("q/dq primitive", "-", "int8", "-", "per-channel (axis 1)", "primitive", "-")
+
+
+def test_only_compared_examples_add_coverage():
+    tally = Tally()
+    case = _case((Conv(2, 2),))
+
+    def body(case, compare):
+        (compared if compare else lambda: not_compared("float output"))()
+
+    counted = tally.counting(body)
+    counted(case=case, compare=False)
+    assert tally.coverage == Counter()
+    counted(case=case, compare=True)
+    counted(case=case, compare=True)
+    (combination,) = tally.coverage
+    assert combination.op == "conv2d" and tally.coverage[combination] == 2
+    assert tally.to_json()["coverage"] == [[*combination, 2]]
+
+
+def test_a_failing_example_counts_as_compared_coverage():
+    tally = Tally()
+
+    def body(case):
+        raise AssertionError("diverges")
+
+    with pytest.raises(AssertionError):
+        tally.counting(body)(case=_case((Conv(2, 2),)))
+    assert [c.op for c in tally.coverage] == ["conv2d"]
+
+
+def test_the_universe_lists_every_layer_kinds_ops():
+    universe = coverage.known()
+    for kind in layer_kinds():
+        assert set(kind.ops_drawn()) <= set(universe["op"]), kind
+    assert {"conv2d", "conv_transpose", "linear", "matmul", "relu", "sigmoid"} <= set(universe["op"])
+    assert coverage.known("fx")["stage"] == ("fx PTQ", "fx QAT", "primitive")
+
+
+def test_missing_and_matrix_name_what_was_never_compared():
+    counts = Counter({Combination("conv2d", "affine", "uint8", "minmax", "per-tensor", "pt2e PTQ", "qref"): 3})
+    universe = coverage.known("pt2e")
+    gaps = coverage.missing(counts, universe)
+    assert "conv2d" not in gaps["op"] and "linear" in gaps["op"]
+    assert gaps["weights"] == ["per-channel"] and "pt2e QAT" in gaps["stage"]
+    lines = coverage.matrix_lines(counts, universe)
+    (conv_row,) = [line for line in lines if line.strip().startswith("conv2d")]
+    assert "u8" in conv_row
+    (linear_row,) = [line for line in lines if line.strip().startswith("linear ")]
+    assert "u8" not in linear_row and "." in linear_row
+    assert lines[-1].startswith("  never compared:") and "linear" in lines[-1]
+    assert coverage.not_covered(["conv2d", "linear", "minmax"], counts) == ["linear"]
+
+
+def _check(tmp_path, *args):
+    report = tmp_path / "r.json"
+    done = subprocess.run([QREF, "check", "qref-pt2e", "--profile", "quick", "--seed", "0", "--report", str(report),
+                           *args, "--", "-k", "test_quantize_matches_reference"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    return done, json.loads(report.read_text())
+
+
+def test_coverage_at_least_fails_a_run_that_never_compared_a_required_value(tmp_path):
+    done, report = _check(tmp_path, "--coverage-at-least", "q/dq primitive", "conv2d")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert report["coverage"]["required_missing"] == ["conv2d"]
+    assert "required coverage never compared: conv2d" in done.stdout
+    assert report["coverage"]["by_axis"]["op"]["q/dq primitive"] > 0
+
+
+def test_coverage_at_least_passes_when_the_values_were_compared(tmp_path):
+    done, report = _check(tmp_path, "--coverage-at-least", "q/dq primitive")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert report["coverage"]["required_missing"] == []
+    assert report["schema"] == "qref-report/3"
+    assert "coverage (activation dtypes compared per op and stage):" in done.stdout
+
+
+def test_coverage_at_least_refuses_an_unknown_value(tmp_path):
+    done = subprocess.run([QREF, "check", "qref-pt2e", "--coverage-at-least", "conv9d"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    assert "unknown value(s) 'conv9d'; known: " in done.stderr and "conv2d" in done.stderr
