@@ -69,11 +69,12 @@ def known(flow: str | None = None) -> dict[str, tuple]:
     with ``flow``, only that flow's stages."""
     from qref.strategies import models, setups
 
-    ops = sorted({op for kind in models.layer_kinds() for op in kind.ops_drawn()})
+    ops = sorted({op for kind in models.layer_kinds() for op in kind.ops_drawn()
+                  if flow != "fx" or op not in models.PT2E_ONLY_OPS})
     observers = list(setups.OBSERVERS) + [f"fake-quant ({o})" for o in setups.QAT_OBSERVERS]
     return {
         "op": tuple(ops) + (PRIMITIVE,),
-        "dtype": tuple(setups.ACT_DTYPES),
+        "dtype": tuple(setups.FLOW_ACT_DTYPES.get(flow, setups.ACT_DTYPES)),
         "observer": tuple(observers),
         "weights": ("per-channel", "per-tensor"),
         "stage": tuple(s for s in ("pt2e PTQ", "pt2e QAT", "fx PTQ", "fx QAT") if flow in (None, s.split()[0]))

@@ -17,7 +17,7 @@ from qref.strategies import (
     Act, BatchNorm, Cat, Conv, Linear, MatMul, ModelSpec, Pool, QuantSetup, Residual, cases,
     conv_bn_specs, model_specs, quant_setups,
 )
-from qref.strategies.models import SpecError
+from qref.strategies.models import SEQUENCE_KINDS, Attention, LayerNorm, Softmax, SpecError
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FLOWS = [("pt2e", False), ("pt2e", True), ("fx", False), ("fx", True)]
@@ -30,7 +30,7 @@ def _namespace() -> dict:
 
 
 def _weighted(spec: ModelSpec) -> list:
-    return [layer for layer in spec.all_layers() if isinstance(layer, (Conv, Linear))]
+    return [layer for layer in spec.all_layers() if isinstance(layer, (Conv, Linear, Attention))]
 
 
 # ---------------------------------------------------------------------------- specs
@@ -74,6 +74,9 @@ def test_batchnorm_state_is_nontrivial(spec):
                            [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]):
         assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
         assert not torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+        if not bn_spec.affine:
+            assert bn.weight is None and bn.bias is None and not bn_spec.zero_gamma
+            continue
         zero = bn.weight == 0
         assert zero.nonzero().flatten().tolist() == list(bn_spec.zero_gamma)
         assert bn.eps == bn_spec.eps and bn.momentum == bn_spec.momentum
@@ -188,6 +191,93 @@ def test_matmul_spec_shapes_and_source():
     assert torch.equal(model(x), torch.matmul(conv(x), x.transpose(-1, -2)))
 
 
+# ---------------------------------------------------------------------------- transformer pieces
+
+QUICK_PATTERNS = 5  # properties/_support.PROFILES["quick"]["patterns"]
+
+
+def _rank3_linear(spec) -> bool:
+    shape, found = spec.input_shape, False
+    for layer in spec.layers:
+        found |= isinstance(layer, Linear) and len(shape) >= 3
+        shape = layer.output_shape(shape)
+    return found
+
+
+def _attention(spec) -> bool:
+    return any(isinstance(layer, Attention) for layer in spec.all_layers())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sequence_kinds_are_drawn_within_the_quick_budget(seed):
+    """A property drawing the sequence kinds sees attention and a Linear on a 3-D/4-D input at
+    the quick profile's pattern budget."""
+    seen = []
+
+    @settings(max_examples=QUICK_PATTERNS, deadline=None, database=None)
+    @given(model_specs("pt2e", "patterns", kinds=SEQUENCE_KINDS))
+    def collect(spec):
+        seen.append(spec)
+
+    from hypothesis import seed as hypothesis_seed
+    hypothesis_seed(seed)(collect)()
+    assert any(_attention(s) for s in seen) and any(_rank3_linear(s) for s in seen), seen
+
+
+def test_sequence_kinds_reach_every_piece():
+    seen = []
+
+    @settings(max_examples=80, deadline=None, database=None)
+    @given(model_specs("pt2e", "patterns", kinds=SEQUENCE_KINDS))
+    def collect(spec):
+        seen.append(spec)
+
+    collect()
+    layers = [layer for s in seen for layer in s.all_layers()]
+    for kind in (LayerNorm, Softmax, Residual):
+        assert any(isinstance(layer, kind) for layer in layers), kind
+    for act in ("gelu", "silu"):
+        assert any(act in s.ops for s in seen), act
+    assert any(isinstance(layer, Attention) and layer.heads > 1 for layer in layers)
+    assert any(len(s.input_shape) == 4 and _rank3_linear(s) for s in seen)
+    assert any(isinstance(a, Linear) and isinstance(b, BatchNorm) and len(s.input_shape) == 3
+               for s in seen for a, b in s.adjacent())  # #7: BatchNorm over dim 1 after a Linear on dim -1
+
+
+def test_fx_never_draws_the_pt2e_only_ops():
+    @settings(max_examples=40, deadline=None, database=None)
+    @given(model_specs("fx", "patterns", kinds=SEQUENCE_KINDS), model_specs("fx", "models"))
+    def check(pattern, model):
+        assert not (pattern.ops | model.ops) & set(models_module.PT2E_ONLY_OPS)
+
+    check()
+
+
+def test_shrinks_to_one_attention_layer():
+    spec = find(model_specs("pt2e", "patterns", kinds=SEQUENCE_KINDS), _attention,
+                settings=settings(max_examples=300, database=None, derandomize=True))
+    assert spec.layers == (Residual((Attention(spec.input_shape[-1], 1),)),)
+    assert spec.input_shape[-1] == 1 and len(spec.input_shape) == 3
+
+
+def test_shrinks_to_one_linear_on_a_3d_input():
+    spec = find(model_specs("pt2e", "patterns", kinds=SEQUENCE_KINDS), _rank3_linear,
+                settings=settings(max_examples=300, database=None, derandomize=True))
+    assert spec.layers == (Linear(spec.input_shape[-1], 1),) and len(spec.input_shape) == 3
+
+
+def test_batchnorm_without_affine_is_drawn_in_ptq_only():
+    @settings(max_examples=60, deadline=None, database=None)
+    @given(model_specs("pt2e", "models"), model_specs("pt2e", "models", qat=True))
+    def check(ptq, qat):
+        assert all(layer.affine for layer in qat.all_layers() if isinstance(layer, BatchNorm))
+        seen.append(any(isinstance(layer, BatchNorm) and not layer.affine for layer in ptq.all_layers()))
+
+    seen: list = []
+    check()
+    assert any(seen)
+
+
 # ---------------------------------------------------------------------------- setups
 
 @pytest.mark.parametrize("flow,qat", FLOWS)
@@ -206,6 +296,15 @@ def test_setups_round_trip_and_build(flow, qat):
             assert setup.backend_config() is not None and "backend_config" in ns
 
     check()
+
+
+def test_pt2e_qref_setups_draw_int16_activations():
+    setup = find(quant_setups("pt2e", qat=False), lambda s: s.act_dtype == "int16",
+                 settings=settings(max_examples=200, database=None, derandomize=True))
+    assert setup.kind == "qref" and "act_dtype=torch.int16" in setup.to_python()
+    assert "act_qmin=-32768" in setup.to_python() and "act_qmax=32767" in setup.to_python()
+    with pytest.raises(ValueError):
+        QuantSetup("fx", kind="default", engine="fbgemm", reduce_range=True, act_dtype="int16")
 
 
 def test_setups_refuse_what_they_do_not_do():

@@ -164,6 +164,19 @@ def check_zero_point_off_by_one(w: Pt2eWitness):
     assert w.outputs_differ()
 
 
+def check_int16_as_int8(w: Pt2eWitness):
+    ranges = {(schema_arguments(q)["quant_min"], schema_arguments(q)["quant_max"]) for q in activation_quantizes(w.theirs)}
+    assert ranges == {(-128, 127)}
+    assert w.outputs_differ()
+    assert w.same_elsewhere("linear", "qref_int8_sym")  # 8-bit activations are left as they are
+
+
+def check_rank3_linear_input_float(w: Pt2eWitness):
+    assert len(activation_quantizes(w.theirs)) < len(activation_quantizes(w.ours))
+    assert w.outputs_differ()
+    assert w.same_elsewhere("linear")  # a Linear on a 2-D input keeps its quantize
+
+
 def check_large_tensor_tail(w: Pt2eWitness):
     assert w.outputs_differ([inputs(w.model_name, 0)])  # one batch: the witness is the big model
     assert w.same_elsewhere("conv_bn_relu")  # no activation there has more than 4096 elements
@@ -416,6 +429,8 @@ PLANTED = {
     "saturation_wraps": check_saturation_wraps,
     "zero_point_off_by_one": check_zero_point_off_by_one,
     "large_tensor_tail": check_large_tensor_tail,
+    "int16_as_int8": check_int16_as_int8,
+    "rank3_linear_input_float": check_rank3_linear_input_float,
     "nondeterministic_scale": check_nondeterministic_scale,
     "per_channel_scales_reversed": check_per_channel_scales_reversed,
     "per_channel_collapsed": check_per_channel_collapsed,

@@ -1,11 +1,12 @@
 """Small networks as data: :class:`ModelSpec` and the Hypothesis strategies that draw them.
 
 A spec is a frozen dataclass tree: an input shape, a tuple of layers and a seed.  Layers are
-``Conv`` (1d/2d, transposed, grouped/depthwise), ``BatchNorm``, ``Linear``, ``Act``
-(relu / relu6 / hardtanh, and sigmoid / tanh / hardsigmoid whose outputs have fixed qparams),
-``Pool`` (max / avg), ``Flatten``, ``Residual`` (``x + body(x)``),
-``Cat`` (two branches concatenated along channels) and ``MatMul`` (two branches multiplied as
-matrices).
+``Conv`` (1d/2d, transposed, grouped/depthwise), ``BatchNorm`` (affine or not), ``Linear`` (on
+the last dim of a 2-D to 4-D input), ``Act`` (relu / relu6 / hardtanh, sigmoid / tanh /
+hardsigmoid whose outputs have fixed qparams, gelu / silu), ``Pool`` (max / avg), ``Flatten``,
+``Residual`` (``x + body(x)``), ``Cat`` (two branches concatenated along channels), ``MatMul``
+(two branches multiplied as matrices), and the transformer pieces ``LayerNorm``, ``Softmax`` and
+``Attention`` (Q/K/V linears, scaled scores, softmax, output projection).
 
 * ``repr(spec)`` is Python that rebuilds the spec (``from qref.strategies.models import *``).
 * ``spec.to_python()`` is standalone PyTorch source (``class Model``, ``init_parameters``,
@@ -49,13 +50,19 @@ from typing import ClassVar, Iterable
 from hypothesis import strategies as st
 
 __all__ = [
-    "Conv", "BatchNorm", "Linear", "Act", "Pool", "Flatten", "Residual", "Cat", "MatMul", "ModelSpec",
-    "model_specs", "conv_bn_specs", "fixed_qparams_specs", "TIERS", "PATTERN_KINDS",
+    "Conv", "BatchNorm", "Linear", "Act", "Pool", "Flatten", "Residual", "Cat", "MatMul", "Softmax", "LayerNorm",
+    "Attention", "ModelSpec", "model_specs", "conv_bn_specs", "fixed_qparams_specs", "TIERS", "PATTERN_KINDS",
+    "SEQUENCE_KINDS", "PT2E_ONLY_OPS",
 ]
 
 TIERS = ("ops", "patterns", "models")
 # Block kinds the "patterns" and "models" tiers draw (``kinds=`` narrows them).
-PATTERN_KINDS = ("conv", "conv_bn", "linear_act", "linear_bn", "add", "cat", "matmul", "pool", "flatten_linear")
+PATTERN_KINDS = ("conv", "conv_bn", "linear_act", "linear_bn", "add", "cat", "matmul", "pool", "flatten_linear",
+                 "linear_seq", "attention")
+# kinds on (N, T, C) / (N, A, B, C) inputs, features last (transformer pieces)
+SEQUENCE_KINDS = ("linear_seq", "attention")
+# ops the strategies draw in the pt2e flow only (qref's FX reference lowers none of them yet)
+PT2E_ONLY_OPS = ("attention", "gelu", "silu", "layer_norm", "softmax")
 
 MAX_CHANNELS = 8
 MAX_SIDE = 12  # spatial sizes never exceed this (transposed convs grow them)
@@ -122,12 +129,12 @@ class Layer(_Node):
 
 
 def layer_kinds() -> list[type]:
-    """Every concrete layer kind (a :class:`Layer` subclass with an ``op``)."""
+    """Every concrete layer kind of this module (a :class:`Layer` subclass with an ``op``)."""
     found, todo = [], [Layer]
     while todo:
         kind = todo.pop()
         todo.extend(kind.__subclasses__())
-        if kind is not Layer and not kind.__name__.startswith("_"):
+        if kind is not Layer and not kind.__name__.startswith("_") and kind.__module__ == __name__:
             found.append(kind)
     return sorted(found, key=lambda k: k.__name__)
 
@@ -212,6 +219,7 @@ class BatchNorm(Layer):
     momentum: float = 0.1
     zero_gamma: tuple = ()
     dim: int = 2
+    affine: bool = True  # False: no gamma/beta (normalisation by the running statistics only)
 
     op = "bn"
 
@@ -221,10 +229,13 @@ class BatchNorm(Layer):
             raise SpecError(f"{self!r} on shape {shape}")
         if any(not 0 <= i < shape[1] for i in self.zero_gamma):
             raise SpecError(f"{self!r}: zero_gamma channel out of range")
+        if self.zero_gamma and not self.affine:
+            raise SpecError(f"{self!r}: zero_gamma needs affine=True")
         return shape
 
     def module_source(self) -> str:
-        return f"nn.BatchNorm{self.dim}d({self.num_features}, eps={self.eps!r}, momentum={self.momentum!r})"
+        affine = "" if self.affine else ", affine=False"
+        return f"nn.BatchNorm{self.dim}d({self.num_features}, eps={self.eps!r}, momentum={self.momentum!r}{affine})"
 
     def after_init(self, module: str) -> list[str]:
         return [f"{module}.weight[{list(self.zero_gamma)!r}] = 0.0"] if self.zero_gamma else []
@@ -232,6 +243,8 @@ class BatchNorm(Layer):
 
 @dataclass(frozen=True, repr=False)
 class Linear(Layer):
+    """``nn.Linear`` on the last dim of a 2-D, 3-D or 4-D input."""
+
     in_features: int
     out_features: int
     bias: bool = True
@@ -240,23 +253,27 @@ class Linear(Layer):
     module_name = "fc"
 
     def output_shape(self, shape: tuple) -> tuple:
-        if len(shape) != 2 or self.in_features != shape[1]:
+        # features are the last dim: (N, C), or (N, T, C) / (N, A, B, C) as in transformers
+        if len(shape) not in (2, 3, 4) or self.in_features != shape[-1]:
             raise SpecError(f"{self!r} on shape {shape}")
-        return (shape[0], self.out_features)
+        return (*shape[:-1], self.out_features)
 
     def module_source(self) -> str:
         return f"nn.Linear({self.in_features}, {self.out_features}" + ("" if self.bias else ", bias=False") + ")"
 
 
-# Activation kinds and their modules, simplest first (failures shrink towards relu).
-_ACTIVATIONS = {"relu": "nn.ReLU()", "relu6": "nn.ReLU6()", "hardtanh": "nn.Hardtanh(-1.0, 1.0)",
-                "sigmoid": "nn.Sigmoid()", "tanh": "nn.Tanh()", "hardsigmoid": "nn.Hardsigmoid()"}
+# Activation kinds and their modules, simplest first (failures shrink towards relu).  The chain
+# activations are drawn after any layer; gelu and silu in the transformer blocks.
+_CHAIN_ACTIVATIONS = {"relu": "nn.ReLU()", "relu6": "nn.ReLU6()", "hardtanh": "nn.Hardtanh(-1.0, 1.0)",
+                      "sigmoid": "nn.Sigmoid()", "tanh": "nn.Tanh()", "hardsigmoid": "nn.Hardsigmoid()"}
+_ACTIVATIONS = {**_CHAIN_ACTIVATIONS, "gelu": "nn.GELU()", "silu": "nn.SiLU()"}
 
 
 @dataclass(frozen=True, repr=False)
 class Act(Layer):
     """``relu`` (nn.ReLU), ``relu6`` (nn.ReLU6 = hardtanh(0, 6)), ``hardtanh`` (nn.Hardtanh(-1, 1)),
-    ``sigmoid``, ``tanh`` and ``hardsigmoid`` (quantizers give their outputs fixed qparams)."""
+    ``sigmoid``, ``tanh`` and ``hardsigmoid`` (quantizers give their outputs fixed qparams),
+    ``gelu`` and ``silu`` (transformer blocks)."""
 
     kind: str = "relu"
 
@@ -275,6 +292,70 @@ class Act(Layer):
 
     def module_source(self) -> str:
         return _ACTIVATIONS[self.kind]
+
+
+@dataclass(frozen=True, repr=False)
+class Softmax(Layer):
+    """``nn.Softmax(dim=-1)``."""
+
+    op = "softmax"
+
+    def output_shape(self, shape: tuple) -> tuple:
+        return shape
+
+    def module_source(self) -> str:
+        return "nn.Softmax(dim=-1)"
+
+
+@dataclass(frozen=True, repr=False)
+class LayerNorm(Layer):
+    """``nn.LayerNorm`` over the last dim (``affine``: with its own weight and bias)."""
+
+    features: int
+    eps: float = 1e-5
+    affine: bool = True
+
+    op = "layer_norm"
+    module_name = "ln"
+
+    def output_shape(self, shape: tuple) -> tuple:
+        if shape[-1] != self.features:
+            raise SpecError(f"{self!r} on shape {shape}")
+        return shape
+
+    def module_source(self) -> str:
+        affine = "" if self.affine else ", elementwise_affine=False"
+        return f"nn.LayerNorm({self.features}, eps={self.eps!r}{affine})"
+
+
+@dataclass(frozen=True, repr=False)
+class Attention(Layer):
+    """Self-attention on ``(N, T, embed)``: Q/K/V linears, ``softmax(q @ k^T * d**-0.5) @ v``
+    per head, and the output projection (``nn.MultiheadAttention``'s math, as separate ops)."""
+
+    embed: int
+    heads: int = 1
+
+    op = "attention"
+    branches = ()
+
+    def output_shape(self, shape: tuple) -> tuple:
+        if len(shape) != 3 or shape[-1] != self.embed or self.embed % self.heads:
+            raise SpecError(f"{self!r} on shape {shape}")
+        return shape
+
+    @classmethod
+    def ops_drawn(cls) -> tuple:
+        return ("attention",)
+
+    def forward(self, source: _Source, x: str) -> str:
+        e, h = self.embed, self.heads
+        heads = [source.let(f"self.{source.add_module(Linear(e, e))}({x}).unflatten(-1, ({h}, {e // h}))"
+                            ".transpose(1, 2)") for _ in "qkv"]
+        q, k, v = heads
+        scores = source.let(f"torch.matmul({q}, {k}.transpose(-1, -2)) * {(e // h) ** -0.5!r}")
+        mixed = source.let(f"torch.matmul({scores}.softmax(dim=-1), {v}).transpose(1, 2).flatten(-2)")
+        return f"self.{source.add_module(Linear(e, e))}({mixed})"
 
 
 @dataclass(frozen=True, repr=False)
@@ -420,9 +501,16 @@ def init_parameters(model, seed):
                 module.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
                 module.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
                 sign = torch.where(torch.rand(c, generator=g) < 0.2, -1.0, 1.0)
-                module.weight.copy_((torch.rand(c, generator=g) + 0.5) * sign)
-                module.bias.copy_(torch.randn(c, generator=g) * 0.2)
+                gamma = (torch.rand(c, generator=g) + 0.5) * sign
+                beta = torch.randn(c, generator=g) * 0.2
+                if module.affine:
+                    module.weight.copy_(gamma)
+                    module.bias.copy_(beta)
                 module.num_batches_tracked.fill_(10)
+            elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+                n = module.weight.numel()
+                module.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=g) * 0.2)
 '''
 
 
@@ -441,12 +529,16 @@ class _Source:
         self.after_init_lines += layer.after_init(f"model.{name}")
         return name
 
+    def let(self, value: str) -> str:
+        """A forward line ``xN = value``; returns ``xN`` (for layers that take several lines)."""
+        x = f"x{len(self.forward_lines) + 1}"
+        self.forward_lines.append(f"{x} = {value}")
+        return x
+
     def emit(self, layers, x: str) -> str:
         """Forward lines of ``layers`` on ``x``, one variable per layer; returns the last one."""
         for layer in layers:
-            value = layer.forward(self, x)
-            x = f"x{len(self.forward_lines) + 1}"
-            self.forward_lines.append(f"{x} = {value}")
+            x = self.let(layer.forward(self, x))
         return x
 
 
@@ -605,13 +697,16 @@ def _bn(draw, channels: int, dim: int, ctx: _Ctx, zero_gamma: bool | None = None
         momentum=None) -> BatchNorm:
     eps = draw(_strategy(eps, [1e-5, 1e-3, 1.0, 0.1]), label="bn eps")
     momentum = draw(_strategy(momentum, [0.1, 0.01, 0.5]), label="bn momentum")
+    # QAT preparation refuses affine=False (torch FX asserts, torchao's conv-bn fusion raises on
+    # the missing weight): PTQ only, where prepare folds the running statistics alone.
+    affine = ctx.qat or zero_gamma or draw(st.sampled_from([True, False]), label="bn affine")
     # torchao's and torch's QAT conv-bn fusions divide by gamma (NaN for gamma 0): PTQ only.
     if zero_gamma is None:
-        zero_gamma = not ctx.qat and draw(st.booleans(), label="zero gamma")
+        zero_gamma = not ctx.qat and affine and draw(st.booleans(), label="zero gamma")
     zeros = ()
     if zero_gamma:
         zeros = tuple(sorted(draw(st.sets(st.integers(0, channels - 1), min_size=1), label="zero gamma channels")))
-    return BatchNorm(channels, eps, momentum, zeros, max(dim, 1))
+    return BatchNorm(channels, eps, momentum, zeros, max(dim, 1), affine)
 
 
 def _strategy(value, default_choices) -> st.SearchStrategy:
@@ -627,7 +722,7 @@ def _bn_ok(shape: tuple) -> bool:
 
 
 def _act():
-    return st.sampled_from(list(_ACTIVATIONS)).map(Act)
+    return st.sampled_from(list(_CHAIN_ACTIVATIONS)).map(Act)
 
 
 def _maybe_act(draw, label: str = "activation") -> list:
@@ -699,6 +794,10 @@ def _block(draw, kind: str, shape: tuple, ctx: _Ctx) -> list:
         # the product's last side is an input side (4-D) or the channel count (3-D): within bounds
         matmul = MatMul(branch("left branch"), branch("right branch"))
         return [matmul] + _maybe_act(draw, "activation after matmul")
+    if kind == "linear_seq" and spatial:
+        return draw(_linear_seq(shape, ctx), label="linear_seq")
+    if kind == "attention" and len(shape) == 3 and ctx.flow == "pt2e":
+        return draw(_attention_block(shape), label="attention block")
     if kind == "pool" and spatial:
         options = [Pool(kind, k, s, len(spatial)) for kind in ("max", "avg")
                    for k, s in ((2, 2), (2, 1), (3, 2), (3, 1)) if min(spatial) >= k]
@@ -712,6 +811,45 @@ def _block(draw, kind: str, shape: tuple, ctx: _Ctx) -> list:
                      draw(st.sampled_from([True, False]), label="bias"))
         return layers + [lin] + _maybe_act(draw)
     return []
+
+
+@st.composite
+def _linear_seq(draw, shape: tuple, ctx: _Ctx) -> list:
+    """Linear on the last dim of a 3-D/4-D input, then maybe an activation (gelu/silu too in
+    pt2e), a LayerNorm or a softmax (pt2e), and, on 3-D, maybe a BatchNorm1d over dim 1 (#7:
+    a BatchNorm over the channels after a Linear over the last dim; pt2e PTQ folds it)."""
+    lin = Linear(shape[-1], draw(st.integers(1, 16), label="out_features"),
+                 draw(st.sampled_from([True, False]), label="bias"))
+    layers: list = [lin]
+    out = propagate(layers, shape)
+    if len(shape) == 3 and _bn_ok(out) and ctx.flow == "pt2e" and _linear_bn_allowed(ctx) \
+            and draw(st.booleans(), label="bn over dim 1"):
+        layers.append(draw(_bn(out[1], 1, ctx), label="bn"))
+    acts = ["relu", "gelu", "silu"] if ctx.flow == "pt2e" else ["relu"]
+    if draw(st.booleans(), label="activation?"):
+        layers.append(Act(draw(st.sampled_from(acts), label="activation")))
+    if ctx.flow == "pt2e":
+        tail = draw(st.sampled_from(["none", "layer_norm", "softmax"]), label="tail")
+        if tail == "layer_norm":
+            layers.append(LayerNorm(lin.out_features, draw(st.sampled_from([1e-5, 1e-3]), label="ln eps"),
+                                    draw(st.booleans(), label="ln affine")))
+        elif tail == "softmax":
+            layers.append(Softmax())
+    return layers
+
+
+@st.composite
+def _attention_block(draw, shape: tuple) -> list:
+    """A pre-LayerNorm transformer block on ``(N, T, E)``: ``x + attention(ln(x))``, then maybe
+    ``x + fc2(gelu(fc1(ln(x))))``."""
+    e = shape[-1]
+    heads = draw(st.sampled_from([h for h in (1, 2, 4) if e % h == 0]), label="heads")
+    body = ((LayerNorm(e),) if draw(st.booleans(), label="pre layer norm") else ()) + (Attention(e, heads),)
+    layers = [Residual(body)]
+    if draw(st.booleans(), label="mlp"):
+        hidden = draw(st.integers(1, 16), label="mlp hidden")
+        layers.append(Residual((LayerNorm(e), Linear(e, hidden), Act("gelu"), Linear(hidden, e))))
+    return layers
 
 
 @st.composite
@@ -756,6 +894,9 @@ def _pattern_spec(draw, ctx: _Ctx, kinds) -> ModelSpec:
     kind = draw(st.sampled_from(kinds), label="pattern")
     if kind in ("linear_act", "linear_bn"):
         shape = draw(_input_shape(rank=0), label="input shape")  # batch >= 2: BatchNorm1d can train
+    elif kind in SEQUENCE_KINDS:  # (N, T, C) (or (N, A, B, C) for a Linear)
+        rank = 1 if kind == "attention" or ctx.flow == "fx" else draw(st.sampled_from([1, 2]), label="dim")
+        shape = draw(_input_shape(rank=rank), label="input shape")
     else:
         shape = draw(_input_shape(rank=draw(st.sampled_from([2, 1]), label="dim")), label="input shape")
     layers: list = []

@@ -34,7 +34,8 @@ __all__ = ["QuantSetup", "quant_setups", "FX_ENGINES"]
 FX_ENGINES = ("fbgemm", "qnnpack", "x86", "onednn")
 OBSERVERS = ("minmax", "histogram", "moving_average")
 QAT_OBSERVERS = ("minmax", "moving_average")  # fake-quants have no histogram observer
-ACT_DTYPES = ("uint8", "int8")
+ACT_DTYPES = ("uint8", "int8", "int16")  # int16: pt2e qref quantizer only
+FLOW_ACT_DTYPES = {"pt2e": ACT_DTYPES, "fx": ("uint8",)}
 # engines whose kernels require reduce_range=True activations (7-bit, to avoid overflow)
 _REDUCE_RANGE_ENGINES = ("fbgemm", "x86")
 # torch has no get_x86_backend_config: its "x86" FX flow uses the native backend config
@@ -50,7 +51,7 @@ class QuantSetup:
     # Not called ``quantizer``: that is the method returning the Quantizer object.
     kind: str = "qref"
     per_channel: bool = True  # weights
-    act_dtype: str = "uint8"  # "uint8" | "int8" (fx: uint8 only)
+    act_dtype: str = "uint8"  # "uint8" | "int8" | "int16" (fx and the x86 quantizer: uint8 only)
     symmetric: bool = False  # activations
     observer: str = "histogram"  # activations: "minmax" | "histogram" | "moving_average"
     engine: str | None = None  # fx only
@@ -151,9 +152,9 @@ class QuantSetup:
         return " ".join(p for p in parts if p)
 
     def _act_range(self) -> tuple[int, int]:
-        lo, hi = (0, 255) if self.act_dtype == "uint8" else (-128, 127)
-        if self.reduce_range:
-            lo, hi = (0, 127) if self.act_dtype == "uint8" else (-64, 63)
+        lo, hi = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-(2**15), 2**15 - 1)}[self.act_dtype]
+        if self.reduce_range:  # one bit less
+            lo, hi = lo // 2, hi // 2
         return lo, hi
 
     def _pt2e_source(self) -> str:
@@ -273,7 +274,7 @@ def quant_setups(draw, flow: str, qat: bool | None = None, engine: str | None = 
             return QuantSetup("pt2e", qat, "x86", per_channel, **_fixed_pt2e("x86", qat))
         return QuantSetup(
             "pt2e", qat, "qref", per_channel,
-            act_dtype=draw(st.sampled_from(["int8", "uint8"]), label="act_dtype"),
+            act_dtype=draw(st.sampled_from(["int8", "uint8", "int16"]), label="act_dtype"),
             symmetric=draw(st.booleans(), label="symmetric"),
             observer=draw(st.sampled_from(observers), label="observer"),
             reduce_range=draw(st.booleans(), label="reduce_range"),

@@ -66,6 +66,14 @@ _ALL = [
           "activation quantize of tensors with more than 4096 elements truncates instead of "
           "rounding every element past the 4096th (a second kernel chunk on another code path)",
           ("mobilenet_v2_like", "qref_int8_sym", False)),
+    _pt2e("int16_as_int8", "int16",
+          "int16 activations are quantized with int8's range [-128, 127] (a converter written for "
+          "8-bit activations only); shows only on int16 setups",
+          ("linear", "qref_int16", False)),
+    _pt2e("rank3_linear_input_float", "rank-3 linear",
+          "a Linear on a 3-D/4-D input reads its float input (the q/dq matcher knows 2-D linears "
+          "only); shows only on transformer-shaped inputs",
+          ("attention", "qref_int8_sym", False)),
     _pt2e("nondeterministic_scale", "nondeterminism",
           "every second call nudges one activation scale by 2**-6 (qparams picked by "
           "set-iteration order / unstable tie-breaking)",

@@ -93,6 +93,32 @@ def zero_point_off_by_one(model, use_reference_representation=False, fold_quanti
     return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
 
 
+def int16_as_int8(model, use_reference_representation=False, fold_quantize=True):
+    """int16 activations are quantized with int8's range [-128, 127] (written for 8-bit only)."""
+
+    def edit(gm):
+        for q in activation_quantizes(gm):
+            if schema_arguments(q)["dtype"] == torch.int16:
+                for node in [q, *dequantizes_of(q)]:
+                    set_args(node, quant_min=-128, quant_max=127)
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+def rank3_linear_input_float(model, use_reference_representation=False, fold_quantize=True):
+    """A Linear on a 3-D/4-D input reads its float input (the q/dq matcher knows 2-D linears only)."""
+
+    def edit(gm):
+        for node in list(gm.graph.nodes):
+            val = node.meta.get("val")
+            if is_call(node, (torch.ops.aten.linear.default,)) and val is not None and val.dim() >= 3:
+                dq = node.args[0]
+                if is_call(dq, DEQUANTIZE) and is_call(dq.args[0], QUANTIZE):
+                    node.replace_input_with(dq, dq.args[0].args[0])
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
 _CALLS = itertools.count()
 
 
