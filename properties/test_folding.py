@@ -718,3 +718,50 @@ def _matches_qat_model(subject, case):
 
 def _leaves(out):
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepare-stage precondition: observers are the identity in forward, so a PTQ-prepared model
+# computes the float model (up to the float rounding of BatchNorm folding).
+# ---------------------------------------------------------------------------------------------
+
+FOLD_ROUNDING = 1e-4  # relative: conv(x, w * g / s) + b' vs bn(conv(x, w)) reassociates float32 math
+
+
+def _prepare_keeps_the_float_model(case):
+    """A prepare-stage precondition (the converter is not involved): the PTQ-prepared model,
+    whose observers pass values through, equals the float model within FOLD_ROUNDING of the
+    output's magnitude.  A BatchNorm folded into the wrong weight (into a conv shared by another
+    call, twice into one weight, along the wrong axis of a Linear) is off by O(1)."""
+    float_model, prepared = case.float_model(), case.prepared()
+    worst = None
+    with torch.no_grad():
+        for label, args in zip(case.input_labels, case.inputs):
+            expected, got = float_model(*args), prepared(*args)
+            error = float((expected - got).abs().max())
+            bound = FOLD_ROUNDING * max(1.0, float(expected.abs().max()))
+            if error > bound and (worst is None or error > worst[0]):
+                worst = (error, bound, label)
+    tally.compared()
+    if worst is not None:
+        shared = " (the model calls one module twice)" if "shared" in case.spec.ops else ""
+        raise AssertionError(
+            f"PRECONDITION (prepare stage, not the converter): the PTQ-prepared model differs from the "
+            f"float model{shared}: |prepared - float| = {worst[0]:.4g} > {worst[1]:.3g} on input "
+            f"'{worst[2]}'\nmodel: {case.spec!r}\nsetup: {case.setup!r}")
+
+
+@pytest.mark.qref_flow("pt2e")
+@pytest.mark.qref_tier("patterns")
+@budget("patterns")
+@given(case=cases("pt2e", tier="patterns", qat=False))
+def test_prepare_keeps_the_float_model(case):
+    _prepare_keeps_the_float_model(case)
+
+
+@pytest.mark.qref_flow("fx")
+@pytest.mark.qref_tier("patterns")
+@budget("patterns")
+@given(case=cases("fx", tier="patterns", qat=False))
+def test_fx_prepare_keeps_the_float_model(case):
+    _prepare_keeps_the_float_model(case)

@@ -301,12 +301,30 @@ def _batch(draw, shape: tuple, amplitude=None, label: str = "batch") -> torch.Te
     return values[idx].contiguous()
 
 
+# Edge activations the observers must survive: an empty observed range (all zeros), a channel
+# that is always zero, and one huge outlier that stretches the range.
+CALIBRATION_EDGES = ("none", "zeros", "zero channel", "outlier")
+
+
 @st.composite
 def calibration_batches(draw, shape: tuple, min_batches: int = 2, max_batches: int = 4) -> list:
-    """2-4 calibration tensors of ``shape`` (one amplitude per case, drawn)."""
+    """2-4 calibration tensors of ``shape`` (one amplitude per case, drawn), maybe with one of
+    :data:`CALIBRATION_EDGES` (a constant tensor is a one-value base)."""
     amplitude = draw(st.sampled_from(_AMPLITUDES), label="calibration amplitude")
     n = draw(st.integers(min_batches, max_batches), label="calibration batches")
-    return [draw(_batch(shape, amplitude, f"calibration {i}"), label=f"calibration {i}") for i in range(n)]
+    batches = [draw(_batch(shape, amplitude, f"calibration {i}"), label=f"calibration {i}") for i in range(n)]
+    edge = draw(st.sampled_from(CALIBRATION_EDGES), label="calibration edge")
+    if edge == "zeros":
+        batches = [torch.zeros_like(b) for b in batches]
+    elif edge == "zero channel":
+        channel = draw(st.integers(0, shape[1] - 1), label="zero channel")
+        for b in batches:
+            b[:, channel] = 0.0
+    elif edge == "outlier":
+        where = draw(st.integers(0, batches[0].numel() - 1), label="outlier index")
+        sign = draw(st.sampled_from([1.0, -1.0]), label="outlier sign")
+        batches[0].view(-1)[where] = sign * amplitude * 1000.0
+    return batches
 
 
 def _input_qparams(prepared) -> tuple[float, int, int, int] | None:

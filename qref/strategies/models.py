@@ -40,6 +40,7 @@ deterministic (or set by the kind's ``after_init``).  The strategies draw a new 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import linecache
@@ -51,14 +52,14 @@ from hypothesis import strategies as st
 
 __all__ = [
     "Conv", "BatchNorm", "Linear", "Act", "Pool", "Flatten", "Residual", "Cat", "MatMul", "Softmax", "LayerNorm",
-    "Attention", "ModelSpec", "model_specs", "conv_bn_specs", "fixed_qparams_specs", "TIERS", "PATTERN_KINDS",
+    "Attention", "Shared", "ModelSpec", "model_specs", "conv_bn_specs", "fixed_qparams_specs", "TIERS", "PATTERN_KINDS",
     "SEQUENCE_KINDS", "PT2E_ONLY_OPS",
 ]
 
 TIERS = ("ops", "patterns", "models")
 # Block kinds the "patterns" and "models" tiers draw (``kinds=`` narrows them).
 PATTERN_KINDS = ("conv", "conv_bn", "linear_act", "linear_bn", "add", "cat", "matmul", "pool", "flatten_linear",
-                 "linear_seq", "attention")
+                 "linear_seq", "attention", "shared")
 # kinds on (N, T, C) / (N, A, B, C) inputs, features last (transformer pieces)
 SEQUENCE_KINDS = ("linear_seq", "attention")
 # ops the strategies draw in the pt2e flow only (qref's FX reference lowers none of them yet)
@@ -415,6 +416,38 @@ class Residual(Layer):
 
 
 @dataclass(frozen=True, repr=False)
+class Shared(Layer):
+    """One module called twice: ``layer(between(layer(x)))`` (shared weights; with a BatchNorm in
+    ``between`` and another after it, two conv->BN chains share one conv, real-converter-bugs
+    #5, #6).  ``layer`` keeps the shape."""
+
+    layer: Layer = None
+    between: tuple = ()
+
+    op = "shared"
+
+    @property
+    def branches(self) -> tuple:
+        return ((self.layer,), self.between)
+
+    @classmethod
+    def ops_drawn(cls) -> tuple:
+        return ("shared",)
+
+    def output_shape(self, shape: tuple) -> tuple:
+        once = propagate((self.layer,), shape)
+        if once != shape or propagate(self.between, shape) != shape:
+            raise SpecError(f"shared {self.layer!r} must keep the shape {shape}")
+        return shape
+
+    def forward(self, source: _Source, x: str) -> str:
+        first = source.emit((self.layer,), x)
+        middle = source.emit(self.between, first)
+        with source.reusing():
+            return self.layer.forward(source, middle)
+
+
+@dataclass(frozen=True, repr=False)
 class _TwoBranches(Layer):
     """Two layer sequences on the same input, joined; an empty branch is the identity."""
 
@@ -521,10 +554,24 @@ class _Source:
         self.module_lines: list[str] = []
         self.forward_lines: list[str] = []
         self.after_init_lines: list[str] = []
+        self._names: dict[int, str] = {}  # id(layer) -> its module's name
+        self._reuse = False
+
+    @contextlib.contextmanager
+    def reusing(self):
+        """Within: a layer registered before is called through its existing module (``Shared``)."""
+        self._reuse = True
+        try:
+            yield
+        finally:
+            self._reuse = False
 
     def add_module(self, layer: Layer) -> str:
         """Registers ``layer``'s module and returns its attribute name (numbered in order)."""
+        if self._reuse and id(layer) in self._names:
+            return self._names[id(layer)]
         name = f"{layer.module_name}{len(self.module_lines)}"
+        self._names[id(layer)] = name
         self.module_lines.append(f"self.{name} = {layer.module_source()}")
         self.after_init_lines += layer.after_init(f"model.{name}")
         return name
@@ -798,6 +845,8 @@ def _block(draw, kind: str, shape: tuple, ctx: _Ctx) -> list:
         return draw(_linear_seq(shape, ctx), label="linear_seq")
     if kind == "attention" and len(shape) == 3 and ctx.flow == "pt2e":
         return draw(_attention_block(shape), label="attention block")
+    if kind == "shared" and spatial:
+        return draw(_shared(shape, ctx), label="shared")
     if kind == "pool" and spatial:
         options = [Pool(kind, k, s, len(spatial)) for kind in ("max", "avg")
                    for k, s in ((2, 2), (2, 1), (3, 2), (3, 1)) if min(spatial) >= k]
@@ -836,6 +885,18 @@ def _linear_seq(draw, shape: tuple, ctx: _Ctx) -> list:
         elif tail == "softmax":
             layers.append(Softmax())
     return layers
+
+
+@st.composite
+def _shared(draw, shape: tuple, ctx: _Ctx) -> list:
+    """A shape-keeping conv called twice, maybe with a BatchNorm after each call (two conv->BN
+    chains on one weight) and an activation between."""
+    conv = draw(_conv(shape, ctx, keep_shape=True, transpose=False), label="shared conv")
+    bn = _bn_ok(shape) and draw(st.booleans(), label="bn after each call")
+    between: list = [draw(_bn(shape[1], len(shape) - 2, ctx), label="first bn")] if bn else []
+    between += _maybe_act(draw, "activation between")
+    after = [draw(_bn(shape[1], len(shape) - 2, ctx), label="second bn")] if bn else []
+    return [Shared(conv, tuple(between)), *after]
 
 
 @st.composite
