@@ -63,8 +63,11 @@ def _conv_and_bn(model):
 
 
 def _closed_form(conv, bn):
-    """Folded (weight, bias) in float64, written from the formula, per output channel."""
-    factor = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    """Folded (weight, bias) in float64, written from the formula, per output channel (a
+    BatchNorm without affine parameters: gamma 1, beta 0)."""
+    gamma = torch.ones_like(bn.running_var) if bn.weight is None else bn.weight
+    beta = torch.zeros_like(bn.running_mean) if bn.bias is None else bn.bias
+    factor = gamma.double() / torch.sqrt(bn.running_var.double() + bn.eps)
     w = conv.weight.detach().double()
     if conv.transposed:  # weight (in, out/groups, k...): output channels on axis 1, per group
         g = conv.groups
@@ -74,7 +77,7 @@ def _closed_form(conv, bn):
     else:
         w = w * factor.reshape(-1, *([1] * (w.dim() - 1)))
     b = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(factor)
-    return w, (b - bn.running_mean.double()) * factor + bn.bias.double()
+    return w, (b - bn.running_mean.double()) * factor + beta.double()
 
 
 def _conv(conv, x, weight, bias):

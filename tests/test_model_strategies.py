@@ -289,7 +289,7 @@ def test_setups_round_trip_and_build(flow, qat):
         ns: dict = {}
         exec(setup.to_python(), ns)
         if flow == "pt2e":
-            assert type(setup.quantizer()).__name__ in ("X86InductorQuantizer", "QrefQuantizer")
+            assert type(setup.quantizer()).__name__ in ("X86InductorQuantizer", "ArmInductorQuantizer", "QrefQuantizer")
             assert "quantizer" in ns
         else:
             assert setup.qconfig_mapping().global_qconfig is not None
@@ -305,6 +305,15 @@ def test_pt2e_qref_setups_draw_int16_activations():
     assert "act_qmin=-32768" in setup.to_python() and "act_qmax=32767" in setup.to_python()
     with pytest.raises(ValueError):
         QuantSetup("fx", kind="default", engine="fbgemm", reduce_range=True, act_dtype="int16")
+
+
+def test_pt2e_setups_draw_torchaos_arm_inductor_quantizer():
+    setup = find(quant_setups("pt2e", qat=False), lambda s: s.kind == "arm",
+                 settings=settings(max_examples=200, database=None, derandomize=True))
+    assert (setup.act_dtype, setup.per_channel, setup.symmetric) == ("int8", False, False)
+    assert type(setup.quantizer()).__name__ == "ArmInductorQuantizer"
+    with pytest.raises(ValueError):
+        QuantSetup("pt2e", kind="arm", per_channel=True, act_dtype="int8", observer="histogram")
 
 
 def test_setups_refuse_what_they_do_not_do():

@@ -34,6 +34,7 @@ __all__ = ["QuantSetup", "quant_setups", "FX_ENGINES"]
 FX_ENGINES = ("fbgemm", "qnnpack", "x86", "onednn")
 OBSERVERS = ("minmax", "histogram", "moving_average")
 QAT_OBSERVERS = ("minmax", "moving_average")  # fake-quants have no histogram observer
+PT2E_QUANTIZERS = ("qref", "x86", "arm")  # QrefQuantizer, torchao's X86 and Arm Inductor quantizers
 ACT_DTYPES = ("uint8", "int8", "int16")  # int16: pt2e qref quantizer only
 FLOW_ACT_DTYPES = {"pt2e": ACT_DTYPES, "fx": ("uint8",)}
 # engines whose kernels require reduce_range=True activations (7-bit, to avoid overflow)
@@ -62,8 +63,8 @@ class QuantSetup:
         wrong = {k: v for k, v in fixed.items() if getattr(self, k) != v}
         if wrong:
             raise ValueError(f"{self.flow}/{self.kind} setup fixes {wrong}")
-        if self.flow == "pt2e" and self.kind not in ("x86", "qref"):
-            raise ValueError(f"pt2e quantizer must be 'x86' or 'qref', not {self.kind!r}")
+        if self.flow == "pt2e" and self.kind not in PT2E_QUANTIZERS:
+            raise ValueError(f"pt2e quantizer must be one of {PT2E_QUANTIZERS}, not {self.kind!r}")
         if self.flow == "fx" and self.kind not in ("default", "custom"):
             raise ValueError(f"fx quantizer must be 'default' or 'custom', not {self.kind!r}")
         if self.observer not in OBSERVERS or self.act_dtype not in ACT_DTYPES:
@@ -76,6 +77,9 @@ class QuantSetup:
         if self.flow == "pt2e":
             if self.kind == "x86":
                 return dict(engine=None, act_dtype="uint8", symmetric=False, reduce_range=False,
+                            observer="moving_average" if self.qat else "histogram")
+            if self.kind == "arm":  # int8 affine activations, per-tensor symmetric weights
+                return dict(engine=None, act_dtype="int8", symmetric=False, reduce_range=False, per_channel=False,
                             observer="moving_average" if self.qat else "histogram")
             return dict(engine=None)
         if self.flow != "fx":
@@ -104,7 +108,7 @@ class QuantSetup:
             if self.per_channel and any(type(layer).__name__ == "Conv" and layer.transpose and layer.groups > 1
                                         for layer in spec.all_layers()):
                 return False  # per-channel observers size a grouped ConvTranspose's scales wrongly
-            if self.kind == "x86":  # X86InductorQuantizer annotates conv2d and linear (not matmul)
+            if self.kind in ("x86", "arm"):  # the Inductor quantizers annotate conv2d and linear (not matmul)
                 return bool(ops & {"conv2d", "linear"})
             return bool(ops & {"conv1d", "conv2d", "conv_transpose", "linear"})
         if self.engine == "onednn" and "conv_transpose" in ops:
@@ -143,6 +147,8 @@ class QuantSetup:
         return _run(self.to_python())["backend_config"]
 
     def describe(self) -> str:
+        if self.flow == "pt2e" and self.kind == "arm":
+            return f"pt2e arm {'QAT' if self.qat else 'PTQ'} per-tensor"
         if self.flow == "pt2e" and self.kind == "x86":
             return f"pt2e x86 {'QAT' if self.qat else 'PTQ'} {'per-channel' if self.per_channel else 'per-tensor'}"
         parts = [self.flow, self.kind, self.engine or "", "QAT" if self.qat else "PTQ",
@@ -158,6 +164,11 @@ class QuantSetup:
         return lo, hi
 
     def _pt2e_source(self) -> str:
+        if self.kind == "arm":
+            return ("from torchao.quantization.pt2e.quantizer.arm_inductor_quantizer import (\n"
+                    "    ArmInductorQuantizer, get_default_arm_inductor_quantization_config)\n\n"
+                    "quantizer = ArmInductorQuantizer().set_global(\n"
+                    f"    get_default_arm_inductor_quantization_config(is_qat={self.qat}))\n")
         if self.kind == "x86":
             fn = "x86_qat" if self.qat else "x86_ptq"
             return (f"from qref.quantizers import {fn}\n\n"
@@ -262,16 +273,16 @@ def quant_setups(draw, flow: str, qat: bool | None = None, engine: str | None = 
         qat = draw(st.booleans(), label="qat")
     observers = ["minmax", "moving_average"] if qat else ["minmax", "histogram", "moving_average"]
     if flow == "pt2e":
-        choices = [(k, pc) for k in ("qref", "x86") for pc in (False, True)]
+        choices = [(k, pc) for k in PT2E_QUANTIZERS for pc in (False, True) if not (k == "arm" and pc)]
         if model is not None:
             choices = [(k, pc) for k, pc in choices
                        if QuantSetup("pt2e", qat, k, pc, **_fixed_pt2e(k, qat)).supports(model)]
         if not choices:
             raise ValueError(f"no pt2e quantizer prepares and quantizes {model!r}")
-        kind = draw(st.sampled_from(sorted({k for k, _ in choices}, key=["qref", "x86"].index)), label="quantizer")
+        kind = draw(st.sampled_from(sorted({k for k, _ in choices}, key=PT2E_QUANTIZERS.index)), label="quantizer")
         per_channel = draw(st.sampled_from([pc for k, pc in choices if k == kind]), label="per_channel")
-        if kind == "x86":
-            return QuantSetup("pt2e", qat, "x86", per_channel, **_fixed_pt2e("x86", qat))
+        if kind in ("x86", "arm"):
+            return QuantSetup("pt2e", qat, kind, per_channel, **_fixed_pt2e(kind, qat))
         return QuantSetup(
             "pt2e", qat, "qref", per_channel,
             act_dtype=draw(st.sampled_from(["int8", "uint8", "int16"]), label="act_dtype"),
@@ -302,9 +313,11 @@ def quant_setups(draw, flow: str, qat: bool | None = None, engine: str | None = 
 
 
 def _fixed_pt2e(kind: str, qat: bool) -> dict:
+    observer = "moving_average" if qat else "histogram"
     if kind == "x86":
-        return dict(act_dtype="uint8", symmetric=False, reduce_range=False,
-                    observer="moving_average" if qat else "histogram")
+        return dict(act_dtype="uint8", symmetric=False, reduce_range=False, observer=observer)
+    if kind == "arm":
+        return dict(act_dtype="int8", symmetric=False, reduce_range=False, observer=observer)
     return dict(observer="minmax")
 
 
