@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 
 import qref
 from qref.compare import EXACT, compare
-from qref.strategies.architectures import MODELS_EXTRA_MISSING, architecture_cases, fx_trace_error, models_available
+from qref.strategies.architectures import (
+    FAMILIES, FX_TRACEABLE, MODELS_EXTRA_MISSING, architecture_cases, fx_trace_error, models_available,
+)
 
 from ._support import subject  # noqa: F401 (subject: fixture)
 
@@ -67,7 +69,7 @@ def test_architecture_matches_reference(subject, case, fold_quantize):
 @pytest.mark.qref_flow("fx")
 @pytest.mark.qref_tier("models")
 @architecture_budget()
-@given(case=architecture_cases("fx"))
+@given(case=architecture_cases("fx", families=FX_TRACEABLE + tuple(f for f in FAMILIES if f not in FX_TRACEABLE)))
 def test_fx_architecture_matches_reference(subject, case):
     """Lowered on the setup's engine, exactly at every lowered module and op, as
     ``test_fx_model_matches_reference``.  Only MobileNetV2/V1 without ``tf_padding`` trace with
