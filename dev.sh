@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # qref developer entry point.  Usage: ./dev.sh {setup|test|check|bench|suite-speed} [args...]
-#   setup  create .venv (if missing) and install qref editable with test extras,
+#   setup  create .venv (if missing) and install qref editable with the test and models extras,
 #          pinned by constraints.txt; skipped while .venv/.qref-stamp is current
 #   test   setup, then pytest -q -n 2 --hypothesis-seed=0 [args...] (both cores; a seed
 #          given in args replaces 0)
@@ -34,7 +34,7 @@ setup() {
     # Every pip call is pinned by constraints.txt (an unpinned torch would pull
     # a multi-GB CUDA build).
     "$PY" -m pip install -q --disable-pip-version-check \
-        -c constraints.txt -e '.[test]'
+        -c constraints.txt -e '.[test,models]'
     echo "$want" > "$STAMP"
 }
 

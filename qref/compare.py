@@ -1009,8 +1009,32 @@ def _pairs(ref_points: dict, got_points: dict) -> dict:
             ref_keys = [k for k in ref_keys if k not in got_points]
             got_keys = [k for k in got_keys if k not in ref_points]
         if len(ref_keys) == len(got_keys):
-            pairs.update((got, ref) for got, ref in zip(got_keys, ref_keys) if got != ref)
+            matched = _by_values(ref_keys, got_keys, ref_points, got_points)
+            pairs.update((got, ref) for got, ref in matched if got != ref)
     return pairs
+
+
+def _by_values(ref_keys: list, got_keys: list, ref_points: dict, got_points: dict) -> list:
+    """(candidate key, reference key) pairs of one group: a candidate point whose integers equal an
+    unpaired reference point's exactly pairs with the first such; the rest pair in graph order.
+    Graph order alone is not enough: a rewrite may place a folded conv elsewhere (torchao's QAT fold
+    puts a ResNet block's shortcut conv before its main-path conv, which qref keeps first), and
+    swapped pairs would compare a 1x1 weight with a 3x3 one.  A point with other integers than every
+    reference point still pairs (in order) and fails as it should."""
+    free, pairs, unmatched = list(ref_keys), [], []
+    for got in got_keys:
+        same = next((ref for ref in free if _same_integers(ref_points[ref], got_points[got])), None)
+        if same is None:
+            unmatched.append(got)
+        else:
+            free.remove(same)
+            pairs.append((got, same))
+    return pairs + list(zip(unmatched, free))
+
+
+def _same_integers(a: _Point, b: _Point) -> bool:
+    return bool(a.values) and len(a.values) == len(b.values) and all(
+        x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a.values, b.values))
 
 
 def _groups(points: dict) -> dict[tuple, list]:

@@ -513,3 +513,21 @@ def test_a_float_output_is_bounded_by_the_steps_of_the_quantizes_feeding_it():
     unbounded = compare(_float_tail_graph(0, exp), _float_tail_graph(1, exp), data, one_step)
     assert not unbounded.ok and "no bound" in unbounded.message()
     assert compare(_float_tail_graph(0, exp), _float_tail_graph(0, exp), data, one_step).ok
+
+
+def test_renamed_points_pair_by_their_integers_before_graph_order():
+    """Real-architecture tier (ResNet, torchao QAT fold): the candidate's folded shortcut conv comes
+    before the main-path conv in its graph, so pairing by graph order alone swapped a 3x3 and a 1x1
+    weight; a point whose integers equal a reference point's pairs with it first."""
+    from qref.compare import _pairs, _Point
+
+    def point(key, position, values):
+        return _Point(key, key, "weight", 0, None, position, [values])
+
+    w3, w1 = torch.ones(2, 2, 3, 3, dtype=torch.int8), torch.ones(2, 2, 1, 1, dtype=torch.int8)
+    ref = {"conv2d_1.weight": point("conv2d_1.weight", 1, w3), "conv2d_2.weight": point("conv2d_2.weight", 2, w1)}
+    got = {"conv2d_3.weight": point("conv2d_3.weight", 1, w1), "conv2d_4.weight": point("conv2d_4.weight", 2, w3)}
+    assert _pairs(ref, got) == {"conv2d_3.weight": "conv2d_2.weight", "conv2d_4.weight": "conv2d_1.weight"}
+    # no integers alike: graph order, as before (and the comparison fails where they differ)
+    got = {"conv2d_3.weight": point("conv2d_3.weight", 1, w3 * 2), "conv2d_4.weight": point("conv2d_4.weight", 2, w1 * 2)}
+    assert _pairs(ref, got) == {"conv2d_3.weight": "conv2d_1.weight", "conv2d_4.weight": "conv2d_2.weight"}

@@ -53,6 +53,19 @@ def test_dropout_switched_to_inference():
         assert torch.equal(gm(x), model.eval()(x))
 
 
+def test_in_place_dropout_switched_to_inference():
+    """nn.Dropout(inplace=True) exports as aten.dropout_ (transformers' MobileNet classifiers, p=0.999):
+    left in train mode, both conversions drop random elements and compare apart (a false alarm)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.9, inplace=True))
+    x = torch.randn(3, 4)
+    gm = _exported_train(model, x)
+    assert [n.target for n in train_mode_ops(gm)] == [torch.ops.aten.dropout_.default]
+    move_to_eval(gm)
+    assert not train_mode_ops(gm)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model.eval()(x))
+
+
 def _false_alarm_case():
     """Issue 11's false alarm: X86 leaves the ConvTranspose float, so the QAT conv-bn simulation,
     with a train-mode batch norm, stays in both conversions."""

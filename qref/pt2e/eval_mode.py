@@ -18,7 +18,8 @@ __all__ = ["move_to_eval", "train_mode_ops"]
 
 _aten = torch.ops.aten
 # op -> index of its `training` / `train` argument
-_MODE_ARGUMENT = {_aten.batch_norm.default: 5, _aten.dropout.default: 2}
+# (dropout_: nn.Dropout(inplace=True), e.g. transformers' MobileNetV1/V2 classifier)
+_MODE_ARGUMENT = {_aten.batch_norm.default: 5, _aten.dropout.default: 2, _aten.dropout_.default: 2}
 
 
 def train_mode_ops(gm: fx.GraphModule) -> list[fx.Node]:

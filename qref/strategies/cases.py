@@ -242,6 +242,9 @@ class Case:
         from qref.strategies.models import __all__ as spec_names
 
         classes = ", ".join(sorted(n for n in spec_names if n[0].isupper()))
+        spec_class = type(self.spec)  # a spec of another module (e.g. an ArchitectureSpec): import it too
+        other = ("" if spec_class.__module__ == "qref.strategies.models"
+                 else f"    from {spec_class.__module__} import {spec_class.__name__}\n")
         return (
             "\n\ndef main():\n"
             "    # the property itself, as the suite ran it on this case (prepare() above is the same\n"
@@ -249,7 +252,8 @@ class Case:
             "    from qref.properties._support import replay\n"
             "    from qref.strategies.cases import Case\n"
             f"    from qref.strategies.models import {classes}  # noqa: F401\n"
-            "    from qref.strategies.setups import QuantSetup\n\n"
+            + other
+            + "    from qref.strategies.setups import QuantSetup\n\n"
             f"    case = Case(spec={self.spec!r},\n"
             f"                setup={self.setup!r},\n"
             "                calibration=tuple(CALIBRATION), inputs=tuple(INPUTS), input_labels=tuple(LABELS))\n"

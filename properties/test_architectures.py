@@ -1,0 +1,88 @@
+"""Property family 2 (equivalence) on real architectures: transformers' models, built from configs.
+
+The model-tier properties of ``test_equivalence`` on networks qref draws layer by layer; these on
+the networks people quantize: MobileNetV2, MobileNetV1, ResNet, ConvNeXt, ViT, BERT and DistilBERT
+(``qref.strategies.architectures``), built in code from ``transformers`` configs with random seeded
+weights (nothing is downloaded) at drawn small sizes, converted by the candidate and by qref's
+reference and compared exactly at every quantize point.  Text models take int64 token ids (drawn
+from the vocabulary) and keep their embedding lookup float.
+
+They need the ``models`` extra (``pip install qref[models]``): without ``transformers`` they are
+reported "not run: install qref[models]".  They are not run at the ``quick`` profile (a real
+architecture costs seconds per example, MobileNetV2 the most); ``default`` and ``thorough`` run
+them (3 and 30 examples).
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, reject, settings
+from hypothesis import strategies as st
+
+import qref
+from qref.compare import EXACT, compare
+from qref.strategies.architectures import (
+    FAMILIES, FX_TRACEABLE, MODELS_EXTRA_MISSING, architecture_cases, fx_trace_error, models_available,
+)
+
+from ._support import subject  # noqa: F401 (subject: fixture)
+
+pytestmark = pytest.mark.qref_family("equivalence")
+
+QUICK_PROFILE_SKIP = "not run at the quick profile: real architectures take minutes; use --profile default"
+
+# of the loaded profile's primitive budget (quick 20, default 100, thorough 1000): 3 at default
+_SHARE = 0.03
+
+
+def architecture_budget(**overrides):
+    """``@settings`` for a real-architecture property: 3% of the loaded profile's budget, at least 2."""
+    return settings(max_examples=max(2, round(settings().max_examples * _SHARE)), **overrides)
+
+
+@pytest.fixture(autouse=True)
+def architectures_available():
+    """Skip (visibly, with the reason in the report) where these properties cannot or should not run."""
+    if not models_available():
+        pytest.skip(MODELS_EXTRA_MISSING)
+    if settings.get_current_profile_name() == "quick":
+        pytest.skip(QUICK_PROFILE_SKIP)
+
+
+@pytest.mark.qref_flow("pt2e")
+@pytest.mark.qref_tier("models")
+@architecture_budget()
+@given(case=architecture_cases("pt2e"), fold_quantize=st.booleans())
+def test_architecture_matches_reference(subject, case, fold_quantize):
+    """PTQ and QAT, X86InductorQuantizer and QrefQuantizer setups (every one that quantizes the
+    family: all do), exactly as ``test_model_matches_reference``."""
+    subject.drew(fold_quantize=fold_quantize)
+    reference = subject.reference(case, fold_quantize=fold_quantize)
+    candidate = subject.convert(case, fold_quantize=fold_quantize)
+    result = compare(reference, candidate, case.inputs, subject.tolerance(EXACT))
+    subject.record.lsb(result.max_lsb)
+    if not result.ok:
+        subject.fail(case, f"{subject.target} vs qref reference on {case.spec.family} "
+                           f"(fold_quantize={fold_quantize}):\n{result.message()}", comparison=result)
+
+
+@pytest.mark.qref_flow("fx")
+@pytest.mark.qref_tier("models")
+@architecture_budget()
+@given(case=architecture_cases("fx", families=FX_TRACEABLE + tuple(f for f in FAMILIES if f not in FX_TRACEABLE)))
+def test_fx_architecture_matches_reference(subject, case):
+    """Lowered on the setup's engine, exactly at every lowered module and op, as
+    ``test_fx_model_matches_reference``.  Only MobileNetV2/V1 without ``tf_padding`` trace with
+    torch.fx (prepare_fx's tracer); any other example is "not compared: does not trace with
+    torch.fx" and drawn again."""
+    if fx_trace_error(case.spec) is not None:
+        subject.not_compared("does not trace with torch.fx")
+        reject()
+    with qref.use_engine(case.setup.engine, threads=1):
+        reference = subject.reference(case)
+        candidate = subject.convert(case)
+        result = compare(reference, candidate, case.inputs, subject.tolerance(EXACT))
+    subject.record.lsb(result.max_lsb)
+    if not result.ok:
+        subject.fail(case, f"{subject.target} vs qref.convert_fx on {case.spec.family}, both lowered on "
+                           f"{case.setup.engine}:\n{result.message()}", comparison=result)
