@@ -16,8 +16,15 @@ import os
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
+from hypothesis.internal.conjecture import engine as _engine
 
 from ._support import PROFILES
+
+# Shrinking a model-level failure re-exports and re-prepares a model at every step; Hypothesis'
+# own cap is 300 s per failing test.  QREF_SHRINK_SECONDS (default 20) caps it: the failure is
+# reported as far as it shrank by then (the verdict is the same; only the case may be larger).
+SHRINK_SECONDS = float(os.environ.get("QREF_SHRINK_SECONDS", "20"))
+_engine.MAX_SHRINKING_SECONDS = SHRINK_SECONDS
 
 # QREF_SHRINK=0 drops the shrink phase: a failure is reported with the example as found. For
 # runs that only need the verdict (the mutant-kill test); shrinking re-prepares many models.

@@ -903,3 +903,17 @@ def test_an_expected_failure_is_not_shrunk(pytester, expected):
         assert test["drawn"] <= 3  # examples up to the first failure and its final replay: no shrinking
     else:
         assert test["drawn"] > 5  # the failure is shrunk towards n == 10
+
+
+def test_the_suite_caps_shrinking_time_through_hypothesis_engine():
+    """properties/conftest.py sets Hypothesis' shrink deadline (a module constant the engine reads
+    when shrinking starts); a Hypothesis release that drops it must fail here, not slow the suite."""
+    import importlib
+
+    from hypothesis.internal.conjecture import engine
+
+    source = importlib.util.find_spec("hypothesis.internal.conjecture.engine").origin
+    assert "time.perf_counter() + MAX_SHRINKING_SECONDS" in open(source).read()
+    import properties.conftest as suite_conftest
+
+    assert engine.MAX_SHRINKING_SECONDS == suite_conftest.SHRINK_SECONDS < 300

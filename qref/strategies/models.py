@@ -62,8 +62,10 @@ PATTERN_KINDS = ("conv", "conv_bn", "linear_act", "linear_bn", "add", "cat", "ma
                  "linear_seq", "attention", "shared")
 # kinds on (N, T, C) / (N, A, B, C) inputs, features last (transformer pieces)
 SEQUENCE_KINDS = ("linear_seq", "attention")
-# ops the strategies draw in the pt2e flow only (qref's FX reference lowers none of them yet)
-PT2E_ONLY_OPS = ("attention", "gelu", "silu", "layer_norm", "softmax")
+# ops the strategies draw in the pt2e flow only: qref's FX reference lowers none of them yet (a
+# module called twice: torch's convert_fx lowers it to one quantized module with one output
+# scale for both calls; qref's lowering does not lower a shared module)
+PT2E_ONLY_OPS = ("attention", "gelu", "silu", "layer_norm", "softmax", "shared")
 
 MAX_CHANNELS = 8
 MAX_SIDE = 12  # spatial sizes never exceed this (transposed convs grow them)
@@ -845,7 +847,7 @@ def _block(draw, kind: str, shape: tuple, ctx: _Ctx) -> list:
         return draw(_linear_seq(shape, ctx), label="linear_seq")
     if kind == "attention" and len(shape) == 3 and ctx.flow == "pt2e":
         return draw(_attention_block(shape), label="attention block")
-    if kind == "shared" and spatial:
+    if kind == "shared" and spatial and ctx.flow == "pt2e":
         return draw(_shared(shape, ctx), label="shared")
     if kind == "pool" and spatial:
         options = [Pool(kind, k, s, len(spatial)) for kind in ("max", "avg")
