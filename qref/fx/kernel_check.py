@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .lower import is_dequantize, is_quantize
+from ..nodes import is_dequantize_method, is_torch_quantize_per_tensor
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,9 @@ class LayerError:
 def _input_qparams(reference: fx.GraphModule, target: str):
     """(scale, zero point, dtype) of the quantize feeding ``target`` in the reference graph."""
     for node in reference.graph.nodes:
-        if node.op == "call_module" and node.target == target and node.args and is_dequantize(node.args[0]):
+        if node.op == "call_module" and node.target == target and node.args and is_dequantize_method(node.args[0]):
             q = node.args[0].args[0]
-            if is_quantize(q):
+            if is_torch_quantize_per_tensor(q):
                 _, scale, zero_point, dtype = q.args
                 return getattr(reference, scale.target), getattr(reference, zero_point.target), dtype
     return None

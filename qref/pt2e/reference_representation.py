@@ -46,6 +46,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quanti
 from torch import fx
 from torch._higher_order_ops.out_dtype import out_dtype
 
+from ..nodes import is_call
 from .ops import schema_arguments
 
 __all__ = ["to_reference_representation"]
@@ -250,10 +251,6 @@ class _Match(NamedTuple):
     kept: tuple = ()  # matched graph nodes the replacement reuses
 
 
-def _is(node, *targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
-
-
 def _sole_user(node: fx.Node) -> Optional[fx.Node]:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
@@ -267,7 +264,7 @@ def _same_literal(pattern, value) -> bool:
 
 def _int8_qdq(node, packet, nargs=6) -> Optional[tuple]:
     """The arguments of an int8 q/dq node written exactly as torchao's patterns write it."""
-    if not _is(node, packet) or node.kwargs or len(node.args) != nargs:
+    if not is_call(node, (packet,)) or node.kwargs or len(node.args) != nargs:
         return None
     if node.args[-1] is not torch.int8:
         return None
@@ -292,7 +289,7 @@ def _q_of(node) -> Optional[tuple]:
 
 
 def _match_linear(node):
-    if not _is(node, aten.linear.default):
+    if not is_call(node, (aten.linear.default,)):
         return None
     a = schema_arguments(node)
     x, w, q = _dq_into(a["input"], node), _dq_into(a["weight"], node), _q_of(node)
@@ -308,7 +305,7 @@ def _match_linear(node):
 
 
 def _match_convolution(node):
-    if not _is(node, aten.convolution.default):
+    if not is_call(node, (aten.convolution.default,)):
         return None
     a = schema_arguments(node)
     x, w, q = _dq_into(a["input"], node), _dq_into(a["weight"], node), _q_of(node)
@@ -326,13 +323,13 @@ def _match_convolution(node):
 
 
 def _match_add(node, with_relu: bool):
-    if not _is(node, aten.add.Tensor):
+    if not is_call(node, (aten.add.Tensor,)):
         return None
     a = schema_arguments(node)
     if not _same_literal(1, a["alpha"]):
         return None
     relu = _sole_user(node) if with_relu else None
-    if with_relu and not (_is(relu, aten.relu.default) and relu.args == (node,)):
+    if with_relu and not (is_call(relu, (aten.relu.default,)) and relu.args == (node,)):
         return None
     x, y, q = _dq_into(a["self"], node), _dq_into(a["other"], node), _q_of(relu or node)
     if x is None or y is None or q is None:
@@ -354,9 +351,9 @@ def _match_add(node, with_relu: bool):
 
 
 def _match_max_pool2d(node):
-    if not _is(node, operator.getitem):
+    if not is_call(node, (operator.getitem,)):
         return None
-    if not _is(node.args[0], aten.max_pool2d_with_indices.default):
+    if not is_call(node.args[0], (aten.max_pool2d_with_indices.default,)):
         return None
     pool, index = node.args
     a = schema_arguments(pool)
@@ -378,7 +375,7 @@ def _match_max_pool2d(node):
 
 def _match_dynamic_linear(node):
     """x -> choose_qparams -> q -> dq -> linear (per-tensor int8 weight), float output."""
-    if not _is(node, aten.linear.default):
+    if not is_call(node, (aten.linear.default,)):
         return None
     a = schema_arguments(node)
     x, w = _dq_into(a["input"], node), _dq_into(a["weight"], node)
@@ -389,10 +386,10 @@ def _match_dynamic_linear(node):
     if q_args is None or tuple(q_args[1:]) != tuple(xq):  # q and dq share all their qparams
         return None
     x_fp32, scale, zp = q_args[0], xq.scale, xq.zero_point
-    if not (_is(scale, operator.getitem) and _is(zp, operator.getitem)):
+    if not (is_call(scale, (operator.getitem,)) and is_call(zp, (operator.getitem,))):
         return None
     choose = scale.args[0]
-    if not (_is(choose, qd.choose_qparams.tensor) and zp.args[0] is choose):
+    if not (is_call(choose, (qd.choose_qparams.tensor,)) and zp.args[0] is choose):
         return None
     if not (_same_literal(0, scale.args[1]) and _same_literal(1, zp.args[1])):
         return None
