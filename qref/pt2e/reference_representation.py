@@ -47,6 +47,7 @@ from torch import fx
 from torch._higher_order_ops.out_dtype import out_dtype
 
 from ..nodes import is_call
+from ..qparams import QParams
 from .ops import schema_arguments
 
 __all__ = ["to_reference_representation"]
@@ -74,11 +75,14 @@ _TO_PACKET = {
 }
 
 
-class QParams(NamedTuple):
-    scale: Any  # float literal or Node
-    zero_point: Any
-    quant_min: Any
-    quant_max: Any
+def _int8(scale, zero_point, quant_min, quant_max) -> QParams:
+    """Per-tensor int8 QParams whose values are graph nodes or literals (as the pattern binds them)."""
+    return QParams(scale=scale, zero_point=zero_point, quant_min=quant_min, quant_max=quant_max, dtype=torch.int8)
+
+
+def _bound(q: QParams) -> tuple:
+    """The values a pattern's placeholders bind for ``q``: scale, zero point, quant_min, quant_max."""
+    return q.scale, q.zero_point, q.quant_min, q.quant_max
 
 
 class _Ops:
@@ -187,7 +191,7 @@ def quantized_convolution(op, x_i8, xq: QParams, w_i8, wq: QParams, bias, conv_a
 
 def dynamic_quantized_linear(op, x_fp32, x_scale, x_zero_point, w_i8, wq, bias, quant_range):
     """Dynamically quantized linear: int8 x (qparams from choose_qparams), float output."""
-    xq = QParams(x_scale, x_zero_point, *quant_range)
+    xq = _int8(x_scale, x_zero_point, *quant_range)
     x = quantize_per_tensor(op, x_fp32, xq, clamp=CLAMP_INT)
     x = op(aten.sub.Tensor, op(aten.to.dtype, x, torch.int16), x_zero_point)
     w = _centered_i16(op, w_i8, wq)
@@ -276,7 +280,7 @@ def _dq_into(node, consumer) -> Optional[tuple]:
     args = _int8_qdq(node, qd.dequantize_per_tensor)
     if args is None or set(node.users) != {consumer}:
         return None
-    return args[0], QParams(*args[1:])
+    return args[0], _int8(*args[1:])
 
 
 def _q_of(node) -> Optional[tuple]:
@@ -285,7 +289,7 @@ def _q_of(node) -> Optional[tuple]:
     args = _int8_qdq(q, qd.quantize_per_tensor)
     if args is None or args[0] is not node:
         return None
-    return q, QParams(*args[1:])
+    return q, _int8(*args[1:])
 
 
 def _match_linear(node):
@@ -299,7 +303,7 @@ def _match_linear(node):
     return _Match(
         q_out,
         (q_out, node, a["input"], a["weight"]),
-        (x_i8, *xq, w_i8, *wq, a["bias"], *out),
+        (x_i8, *_bound(xq), w_i8, *_bound(wq), a["bias"], *_bound(out)),
         lambda op: quantized_linear(op, x_i8, xq, w_i8, wq, a["bias"], out),
     )
 
@@ -317,7 +321,7 @@ def _match_convolution(node):
     return _Match(
         q_out,
         (q_out, node, a["input"], a["weight"]),
-        (x_i8, *xq, w_i8, *wq, a["bias"], *out, *conv_args),
+        (x_i8, *_bound(xq), w_i8, *_bound(wq), a["bias"], *_bound(out), *conv_args),
         lambda op: quantized_convolution(op, x_i8, xq, w_i8, wq, a["bias"], conv_args, out),
     )
 
@@ -345,7 +349,7 @@ def _match_add(node, with_relu: bool):
     return _Match(
         q_out,
         inner,
-        (x_i8, *xq[:2], y_i8, *yq[:2], *out),
+        (x_i8, *xq[:2], y_i8, *yq[:2], *_bound(out)),
         lambda op: rewrite(op, x_i8, xq, y_i8, yq, out),
     )
 
@@ -368,7 +372,7 @@ def _match_max_pool2d(node):
     return _Match(
         q_out,
         (q_out, node, pool, a["self"]),
-        (x_i8, *xq, *out, k, s, index),
+        (x_i8, *_bound(xq), *_bound(out), k, s, index),
         lambda op: quantized_max_pool2d(op, x_i8, xq, k, s, index, out),
     )
 
@@ -383,7 +387,7 @@ def _match_dynamic_linear(node):
         return None
     (q_x, xq), (w_i8, wq) = x, w
     q_args = _int8_qdq(q_x, qd.quantize_per_tensor)
-    if q_args is None or tuple(q_args[1:]) != tuple(xq):  # q and dq share all their qparams
+    if q_args is None or tuple(q_args[1:]) != _bound(xq):  # q and dq share all their qparams
         return None
     x_fp32, scale, zp = q_args[0], xq.scale, xq.zero_point
     if not (is_call(scale, (operator.getitem,)) and is_call(zp, (operator.getitem,))):
@@ -403,7 +407,7 @@ def _match_dynamic_linear(node):
     return _Match(
         node,
         (node, a["input"], q_x, a["weight"]),
-        (x_fp32, *quant_range, c["eps"], w_i8, *wq, bias),
+        (x_fp32, *quant_range, c["eps"], w_i8, *_bound(wq), bias),
         lambda op: dynamic_quantized_linear(op, x_fp32, scale, zp, w_i8, wq, bias, quant_range),
         kept=(choose, scale, zp),  # part of the pattern, but reused rather than re-emitted
     )
@@ -415,7 +419,7 @@ def _match_single(packet, nargs, rewrite):
         if args is None:
             return None
         if nargs == 6:
-            return _Match(node, (node,), args, lambda op: rewrite(op, args[0], QParams(*args[1:])))
+            return _Match(node, (node,), args, lambda op: rewrite(op, args[0], _int8(*args[1:])))
         return _Match(node, (node,), args, lambda op: rewrite(op, *args))
 
     return match
