@@ -217,7 +217,7 @@ def test_reference_representation_matches_reference(subject, case):
     systematic rounding bias within 1 LSB fails), and against the q/dq reference within
     REFERENCE_REPRESENTATION on the outputs (its inner quantize points are integer math, not
     quantize nodes), tie inputs included under INPUT_ROUNDING; a float output is bounded by the
-    allowed steps times the scale of the quantizes feeding it (qref.compare._float_bound)."""
+    allowed steps times the scale of the quantizes feeding it (qref.compare.float_bound)."""
     subject.require("use_reference_representation")
     qdq = subject.reference(case)
     ours = subject.reference(case, use_reference_representation=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import struct
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -24,14 +24,20 @@ _PER_CHANNEL = (
 
 
 class QParams(NamedTuple):
-    """Scale and zero point (1-D tensors) plus how to apply them."""
+    """Scale and zero point plus how to apply them: qref's one quantization-parameters type.
 
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-    quant_min: int
-    quant_max: int
-    dtype: torch.dtype  # the plain integer dtype, e.g. torch.uint8
-    axis: int | None  # None for per-tensor
+    Derived from observers (:func:`qref.observers.observer_qparams`) they are 1-D tensors; read
+    from a recorded quantize/dequantize call (:mod:`qref.compare`) a float and an int per tensor,
+    or 1-D tensors per channel; in the reference representation's rewrites
+    (:mod:`qref.pt2e.reference_representation`) the graph nodes or literals that hold them.
+    """
+
+    scale: Any  # 1-D tensor, float, or graph node
+    zero_point: Any  # 1-D tensor, int, or graph node
+    quant_min: Any  # int, or graph node
+    quant_max: Any
+    dtype: torch.dtype  # the plain integer dtype, e.g. torch.uint8, never a quantized one
+    axis: int | None = None  # None for per-tensor
 
 
 def is_per_channel(qscheme) -> bool:

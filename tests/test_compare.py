@@ -356,7 +356,7 @@ def test_lowered_fbgemm_within_kernel_contract(fbgemm_mlp):
 def test_lowered_module_with_wrong_scale(fbgemm_mlp):
     """A lowered Linear whose output scale is 1.5x the reference's fails the kernel check at that
     module, and the message names the scales; a weighted module never keeps its input's grid."""
-    from qref.compare import _keeps_input_grid
+    from qref.compare.lowered import _keeps_input_grid
 
     reference, lowered = fbgemm_mlp
     lowered = copy.deepcopy(lowered)
@@ -390,10 +390,12 @@ def test_a_lowered_op_may_keep_its_input_grid_only_where_the_reference_allows_it
     """keeps: the qparams the reference graph allows besides its own (a weightless op's input)."""
     from torch import nn
 
-    from qref.compare import QParams, _judge, _keeps_input_grid
+    from qref.compare.judge import _judge
+    from qref.compare.lowered import _keeps_input_grid
+    from qref.qparams import QParams
 
-    own = QParams(0.1, 0, None, 0, 255, torch.uint8, "torch")
-    inputs = QParams(0.2, 0, None, 0, 255, torch.uint8, "torch")
+    own = QParams(scale=0.1, zero_point=0, quant_min=0, quant_max=255, dtype=torch.uint8, axis=None)
+    inputs = QParams(scale=0.2, zero_point=0, quant_min=0, quant_max=255, dtype=torch.uint8, axis=None)
     expected, got = [torch.tensor([0, 10, 20])], [torch.tensor([0, 5, 10])]  # the same values
     kept = _judge("act", "module", "act", 1, EXACT, expected, got, [], [], own, inputs, keeps=(inputs,))
     assert kept.ok and "qparams the reference graph allows" in kept.note
@@ -404,9 +406,10 @@ def test_a_lowered_op_may_keep_its_input_grid_only_where_the_reference_allows_it
     assert not dtype.ok and dtype.max_lsb == 0 and "dtype torch.int8 in the candidate" in dtype.mismatch
     gm = torch.fx.symbolic_trace(nn.Sequential(nn.Hardtanh(), nn.Linear(2, 2), nn.Sigmoid()))
     assert _keeps_input_grid(gm, "0") and not _keeps_input_grid(gm, "1")
-    from qref.compare import ModuleInput, _other_grids
+    from qref.compare import ModuleInput
+    from qref.compare.lowered import _other_grids
 
-    fed = (ModuleInput(inputs, 0, 20),)
+    fed = (ModuleInput(qparams=inputs, low=0, high=20),)
     assert _other_grids(gm, "0", fed) == (inputs,) and _other_grids(gm, "1", fed) == ()
     # a sigmoid's quantized kernel outputs on its fixed qparams (1/256, 0), whatever quantize follows
     fixed = _other_grids(gm, "2", fed)[-1]
@@ -447,10 +450,11 @@ def test_regridded_values_saturate_like_the_reference():
     """Found by the kernel property (default profile, seed 5, fbgemm and x86): in a QAT cat of
     relu and hardtanh branches the lowered hardtanh keeps a [-1, 1] grid where the reference's
     quantize has zero point 0; its -1 is the reference's saturated 0, not 6 LSB off."""
-    from qref.compare import QParams, _on_grid
+    from qref.compare.judge import _on_grid
+    from qref.qparams import QParams
 
-    wide = QParams(0.647851, 68, None, 0, 255, torch.uint8, "torch")
-    narrow = QParams(0.201143, 0, None, 0, 255, torch.uint8, "torch")
+    wide = QParams(scale=0.647851, zero_point=68, quant_min=0, quant_max=255, dtype=torch.uint8, axis=None)
+    narrow = QParams(scale=0.201143, zero_point=0, quant_min=0, quant_max=255, dtype=torch.uint8, axis=None)
     ints = torch.tensor([66, 68, 71, 255])  # about -1.3, 0, 1.9 and 121 on the wide grid
     assert _on_grid(ints, wide, narrow).tolist() == [0, 0, 10, 255]
 

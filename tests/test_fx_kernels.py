@@ -15,9 +15,9 @@ import torch
 
 from fixtures.fx_setups import SETUPS, prepared, unsupported
 from fixtures.zoo import ZOO
+from qref.compare.layers import _input_qparams, layer_errors
 from qref.engines import INT16_SATURATION, Layer, engines, has_vnni, int16_pair_cap, known_deviation, use_engine
 from qref.fx import convert_fx, convert_to_reference_fx
-from qref.fx.kernel_check import _input_qparams, layer_errors
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 

@@ -18,6 +18,7 @@ from torch import fx
 from torch.ao.quantization import DeQuantStub
 
 from .. import observers
+from ..nodes import is_dequantize_method
 from . import qconfig as qc
 from . import validate
 from .lower import lower_to_native
@@ -132,7 +133,7 @@ def _keep_outputs_quantized(output: fx.Node, idxs) -> None:
     for value in picked:
         values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
         for v in values:
-            if isinstance(v, fx.Node) and v.op == "call_method" and v.target == "dequantize":
+            if is_dequantize_method(v):
                 output.replace_input_with(v, v.args[0])
 
 
@@ -186,7 +187,7 @@ def _convert_custom(model, node, module, custom_config, quantized_custom_nodes) 
     if kind.name == "STATIC":
         quantized_custom_nodes.add(node)
         source = node.args[0]
-        if isinstance(source, fx.Node) and source.op == "call_method" and source.target == "dequantize":
+        if is_dequantize_method(source):
             node.replace_input_with(source, source.args[0])  # it takes the quantized tensor
             if not source.users:
                 model.graph.erase_node(source)

@@ -36,6 +36,7 @@ from torch import fx, nn
 from torch.ao.quantization.quantization_mappings import get_quantized_operator
 
 from .. import observers
+from ..nodes import is_dequantize_method, is_torch_quantize_per_tensor
 from .weighted import geometry, set_module
 
 STATIC = {nnqr.Linear: nnq.Linear, nnqr.Conv1d: nnq.Conv1d, nnqr.Conv2d: nnq.Conv2d, nnqr.Conv3d: nnq.Conv3d}
@@ -259,14 +260,6 @@ class _Graph:
                 self.graph.erase_node(node)
 
 
-def is_quantize(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.quantize_per_tensor
-
-
-def is_dequantize(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_method" and node.target == "dequantize"
-
-
 def _is_relu(g: _Graph, node) -> bool:
     return (node.op == "call_function" and node.target in RELU_FUNCTIONS) or type(g.module(node)) is nn.ReLU
 
@@ -275,7 +268,7 @@ def _bypass_dequantize(node: fx.Node, args) -> int:
     """Feed ``node`` the quantized tensors behind the dequantize nodes among ``args``."""
     count = 0
     for arg in args:
-        if is_dequantize(arg):
+        if is_dequantize_method(arg):
             node.replace_input_with(arg, arg.args[0])
             count += 1
     return count
@@ -291,7 +284,7 @@ def _quantized_class(module, table_plain, table_fused):
 def lower_weighted_modules(g: _Graph) -> None:
     """dq -> reference module -> q (and the two-input conv+add) -> one quantized module."""
     for q in list(g.graph.nodes):
-        if not is_quantize(q):
+        if not is_torch_quantize_per_tensor(q):
             continue
         ref, relu = q.args[0], None
         if isinstance(ref, fx.Node) and _is_relu(g, ref):
@@ -301,7 +294,7 @@ def lower_weighted_modules(g: _Graph) -> None:
             continue
         two_inputs = type(module) in TWO_INPUT_FUSED
         cls = _quantized_class(module, {} if two_inputs else STATIC, TWO_INPUT_FUSED if two_inputs else STATIC_FUSED)
-        if cls is None or not ref.args or not all(is_dequantize(a) for a in ref.args):
+        if cls is None or not ref.args or not all(is_dequantize_method(a) for a in ref.args):
             continue
         if len(ref.args) != (2 if two_inputs else 1):
             continue
@@ -321,7 +314,7 @@ def lower_dynamic_modules(g: _Graph) -> None:
     for ref in g.graph.nodes:
         module = g.module(ref)
         cls = _quantized_class(module, DYNAMIC, DYNAMIC_FUSED) if module is not None else None
-        if cls is None or not ref.args or not is_dequantize(ref.args[0]):
+        if cls is None or not ref.args or not is_dequantize_method(ref.args[0]):
             continue
         dq = ref.args[0]
         dynamic_q = dq.args[0]
@@ -343,7 +336,7 @@ def lower_weight_only_modules(g: _Graph) -> None:
 def lower_binary_ops(g: _Graph) -> None:
     """dq, dq -> add/mul/matmul [-> relu] -> q  ->  quantized::add(_relu) etc. with output qparams."""
     for q in list(g.graph.nodes):
-        if not is_quantize(q):
+        if not is_torch_quantize_per_tensor(q):
             continue
         op, relu = q.args[0], None
         if _is_relu(g, op):
@@ -354,9 +347,9 @@ def lower_binary_ops(g: _Graph) -> None:
         if op.target not in table:
             continue
         operands = op.args[:2]
-        if any(isinstance(a, fx.Node) and not is_dequantize(a) for a in operands):
+        if any(isinstance(a, fx.Node) and not is_dequantize_method(a) for a in operands):
             continue
-        if not any(is_dequantize(a) for a in operands):
+        if not any(is_dequantize_method(a) for a in operands):
             continue
         n_quantized = _bypass_dequantize(op, operands)
         _, scale, zero_point, _ = q.args
@@ -374,7 +367,7 @@ def skip_dequantize_for_shape_queries(g: _Graph) -> None:
         is_query = (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
             node.op == "call_method" and node.target in ("shape", "size")
         )
-        if is_query and is_dequantize(node.args[0]):
+        if is_query and is_dequantize_method(node.args[0]):
             node.args = (node.args[0].args[0],) + tuple(node.args[1:])
 
 
@@ -382,7 +375,7 @@ def lower_quantized_tensor_ops(g: _Graph) -> None:
     """dq -> op -> q where the op runs on quantized tensors: drop the dq and the q."""
     for q in list(g.graph.nodes):
         to_fp16 = q.op == "call_method" and q.target == "to" and q.args[1:] == (torch.float16,)
-        if not (is_quantize(q) or to_fp16):
+        if not (is_torch_quantize_per_tensor(q) or to_fp16):
             continue
         ref = q.args[0]
         if not isinstance(ref, fx.Node) or not (ref.args or ref.kwargs):
@@ -393,11 +386,11 @@ def lower_quantized_tensor_ops(g: _Graph) -> None:
             continue
         first = ref.args[0] if ref.args else next(iter(ref.kwargs.values()))
         inputs = list(first) if isinstance(first, (list, tuple)) else [first]
-        if not all(is_dequantize(x) for x in inputs):
+        if not all(is_dequantize_method(x) for x in inputs):
             continue
         qparams = q.args[1:]
         module = g.module(ref)
-        if is_quantize(q) and type(module) in SPECIAL_MODULES:
+        if is_torch_quantize_per_tensor(q) and type(module) in SPECIAL_MODULES:
             quantized = SPECIAL_MODULES[type(module)](module, g.attr(qparams[0]), g.attr(qparams[1]))
             set_module(g.model, ref.target, quantized)
         for dq in inputs:

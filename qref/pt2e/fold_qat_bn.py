@@ -50,6 +50,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..fold import fold_conv_bn_weights
+from ..nodes import is_call
 from .ops import schema_arguments
 
 __all__ = ["fold_qat_conv_bn"]
@@ -94,10 +95,6 @@ class _QatConvBn:
     eps: float
 
 
-def _is(node, target) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target == target
-
-
 def _is_get_attr(node) -> bool:
     return isinstance(node, Node) and node.op == "get_attr"
 
@@ -108,7 +105,7 @@ def _q_dq(dq) -> tuple[Node, Node, bool] | None:
         return None
     q_op, per_channel = _DQ_OPS[dq.target]
     q = dq.args[0]
-    if not _is(q, q_op):
+    if not is_call(q, (q_op,)):
         return None
     # per-channel scale / zero-point are graph inputs shared by q and dq
     if per_channel and (q.args[1] is not dq.args[1] or q.args[2] is not dq.args[2]):
@@ -118,7 +115,7 @@ def _q_dq(dq) -> tuple[Node, Node, bool] | None:
 
 def _match(bn: Node) -> _QatConvBn | None:
     """Match the QAT conv-bn simulation that ends in ``bn``; None if it is not there."""
-    if not _is(bn, aten.batch_norm.default):
+    if not is_call(bn, (aten.batch_norm.default,)):
         return None
     a = schema_arguments(bn)
     bn_w, bn_b, bn_rm, bn_rv = a["weight"], a["bias"], a["running_mean"], a["running_var"]
@@ -130,25 +127,25 @@ def _match(bn: Node) -> _QatConvBn | None:
     # y + conv_b.reshape(...)   (only when the conv has a bias)
     y = a["input"]
     conv_b = None
-    if _is(y, aten.add.Tensor) and _is(y.args[1], aten.reshape.default):
+    if is_call(y, (aten.add.Tensor,)) and is_call(y.args[1], (aten.reshape.default,)):
         bias_reshape = y.args[1]
         conv_b = bias_reshape.args[0]
         inner += [y, bias_reshape]
         y = y.args[0]
 
     # conv / sf.reshape(...)
-    if not (_is(y, aten.div.Tensor) and _is(y.args[1], aten.reshape.default)):
+    if not (is_call(y, (aten.div.Tensor,)) and is_call(y.args[1], (aten.reshape.default,))):
         return None
     conv, out_reshape = y.args
     sf = out_reshape.args[0]
     inner += [y, out_reshape]
 
     # sf = bn_w / sqrt(bn_rv + eps)
-    if not (_is(sf, aten.div.Tensor) and sf.args[0] is bn_w and _is(sf.args[1], aten.sqrt.default)):
+    if not (is_call(sf, (aten.div.Tensor,)) and sf.args[0] is bn_w and is_call(sf.args[1], (aten.sqrt.default,))):
         return None
     sqrt = sf.args[1]
     add_eps = sqrt.args[0]
-    if not (_is(add_eps, aten.add.Tensor) and add_eps.args[0] is bn_rv):
+    if not (is_call(add_eps, (aten.add.Tensor,)) and add_eps.args[0] is bn_rv):
         return None
     inner += [sf, sqrt, add_eps]
 
@@ -161,7 +158,7 @@ def _match(bn: Node) -> _QatConvBn | None:
     if weight_qdq is None:
         return None
     weight_q, mul, per_channel = weight_qdq
-    if not (_is(mul, aten.mul.Tensor) and _is(mul.args[1], aten.reshape.default)):
+    if not (is_call(mul, (aten.mul.Tensor,)) and is_call(mul.args[1], (aten.reshape.default,))):
         return None
     conv_w, weight_reshape = mul.args
     if not (_is_get_attr(conv_w) and weight_reshape.args[0] is sf):
@@ -186,7 +183,7 @@ def _match(bn: Node) -> _QatConvBn | None:
                 return None
             inputs += bias_q.args[1:3] if per_channel else []
             inner += [ca["bias"], bias_q]
-        if not (_is(zero_bias, aten.zeros_like.default) and zero_bias.args[0] is conv_b):
+        if not (is_call(zero_bias, (aten.zeros_like.default,)) and zero_bias.args[0] is conv_b):
             return None
         inner.append(zero_bias)
 
@@ -264,7 +261,7 @@ def _fold(gm: GraphModule, m: _QatConvBn) -> None:
 
 def _is_num_batches_tracked_update(node: Node, num_batches_tracked: set[str]) -> bool:
     return (
-        _is(node, aten.add_.Tensor)
+        is_call(node, (aten.add_.Tensor,))
         and _is_get_attr(node.args[0])
         and node.args[0].target in num_batches_tracked
         and node.args[1] == 1

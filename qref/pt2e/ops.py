@@ -1,26 +1,21 @@
-"""The quantized_decomposed operators a converted pt2e graph is made of."""
+"""The quantized_decomposed operators a converted pt2e graph is made of.
+
+The q/dq targets and ``is_call`` live in :mod:`qref.nodes`; they are re-exported here.
+"""
 
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
 
+from ..nodes import DECOMPOSED_DEQUANTIZE as DEQUANTIZE
+from ..nodes import DECOMPOSED_QUANTIZE as QUANTIZE
+from ..nodes import is_call
+
+__all__ = ["QUANTIZE", "DEQUANTIZE", "CHOOSE_QPARAMS", "SYM_SIZE", "is_call", "real_users", "schema_arguments"]
+
 qd = torch.ops.quantized_decomposed
 
-QUANTIZE = (
-    qd.quantize_per_tensor.default,
-    qd.quantize_per_tensor.tensor,
-    qd.quantize_per_channel.default,
-)
-DEQUANTIZE = (
-    qd.dequantize_per_tensor.default,
-    qd.dequantize_per_tensor.tensor,
-    qd.dequantize_per_channel.default,
-)
 CHOOSE_QPARAMS = (qd.choose_qparams.tensor, qd.choose_qparams_symmetric.tensor)
 SYM_SIZE = (torch.ops.aten.sym_size.default, torch.ops.aten.sym_numel.default)
-
-
-def is_call(node, targets) -> bool:
-    return node.op == "call_function" and node.target in targets
 
 
 def real_users(node) -> list:

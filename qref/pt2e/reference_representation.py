@@ -46,6 +46,8 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quanti
 from torch import fx
 from torch._higher_order_ops.out_dtype import out_dtype
 
+from ..nodes import is_call
+from ..qparams import QParams
 from .ops import schema_arguments
 
 __all__ = ["to_reference_representation"]
@@ -73,11 +75,14 @@ _TO_PACKET = {
 }
 
 
-class QParams(NamedTuple):
-    scale: Any  # float literal or Node
-    zero_point: Any
-    quant_min: Any
-    quant_max: Any
+def _int8(scale, zero_point, quant_min, quant_max) -> QParams:
+    """Per-tensor int8 QParams whose values are graph nodes or literals (as the pattern binds them)."""
+    return QParams(scale=scale, zero_point=zero_point, quant_min=quant_min, quant_max=quant_max, dtype=torch.int8)
+
+
+def _bound(q: QParams) -> tuple:
+    """The values a pattern's placeholders bind for ``q``: scale, zero point, quant_min, quant_max."""
+    return q.scale, q.zero_point, q.quant_min, q.quant_max
 
 
 class _Ops:
@@ -186,7 +191,7 @@ def quantized_convolution(op, x_i8, xq: QParams, w_i8, wq: QParams, bias, conv_a
 
 def dynamic_quantized_linear(op, x_fp32, x_scale, x_zero_point, w_i8, wq, bias, quant_range):
     """Dynamically quantized linear: int8 x (qparams from choose_qparams), float output."""
-    xq = QParams(x_scale, x_zero_point, *quant_range)
+    xq = _int8(x_scale, x_zero_point, *quant_range)
     x = quantize_per_tensor(op, x_fp32, xq, clamp=CLAMP_INT)
     x = op(aten.sub.Tensor, op(aten.to.dtype, x, torch.int16), x_zero_point)
     w = _centered_i16(op, w_i8, wq)
@@ -250,10 +255,6 @@ class _Match(NamedTuple):
     kept: tuple = ()  # matched graph nodes the replacement reuses
 
 
-def _is(node, *targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
-
-
 def _sole_user(node: fx.Node) -> Optional[fx.Node]:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
@@ -267,7 +268,7 @@ def _same_literal(pattern, value) -> bool:
 
 def _int8_qdq(node, packet, nargs=6) -> Optional[tuple]:
     """The arguments of an int8 q/dq node written exactly as torchao's patterns write it."""
-    if not _is(node, packet) or node.kwargs or len(node.args) != nargs:
+    if not is_call(node, (packet,)) or node.kwargs or len(node.args) != nargs:
         return None
     if node.args[-1] is not torch.int8:
         return None
@@ -279,7 +280,7 @@ def _dq_into(node, consumer) -> Optional[tuple]:
     args = _int8_qdq(node, qd.dequantize_per_tensor)
     if args is None or set(node.users) != {consumer}:
         return None
-    return args[0], QParams(*args[1:])
+    return args[0], _int8(*args[1:])
 
 
 def _q_of(node) -> Optional[tuple]:
@@ -288,11 +289,11 @@ def _q_of(node) -> Optional[tuple]:
     args = _int8_qdq(q, qd.quantize_per_tensor)
     if args is None or args[0] is not node:
         return None
-    return q, QParams(*args[1:])
+    return q, _int8(*args[1:])
 
 
 def _match_linear(node):
-    if not _is(node, aten.linear.default):
+    if not is_call(node, (aten.linear.default,)):
         return None
     a = schema_arguments(node)
     x, w, q = _dq_into(a["input"], node), _dq_into(a["weight"], node), _q_of(node)
@@ -302,13 +303,13 @@ def _match_linear(node):
     return _Match(
         q_out,
         (q_out, node, a["input"], a["weight"]),
-        (x_i8, *xq, w_i8, *wq, a["bias"], *out),
+        (x_i8, *_bound(xq), w_i8, *_bound(wq), a["bias"], *_bound(out)),
         lambda op: quantized_linear(op, x_i8, xq, w_i8, wq, a["bias"], out),
     )
 
 
 def _match_convolution(node):
-    if not _is(node, aten.convolution.default):
+    if not is_call(node, (aten.convolution.default,)):
         return None
     a = schema_arguments(node)
     x, w, q = _dq_into(a["input"], node), _dq_into(a["weight"], node), _q_of(node)
@@ -320,19 +321,19 @@ def _match_convolution(node):
     return _Match(
         q_out,
         (q_out, node, a["input"], a["weight"]),
-        (x_i8, *xq, w_i8, *wq, a["bias"], *out, *conv_args),
+        (x_i8, *_bound(xq), w_i8, *_bound(wq), a["bias"], *_bound(out), *conv_args),
         lambda op: quantized_convolution(op, x_i8, xq, w_i8, wq, a["bias"], conv_args, out),
     )
 
 
 def _match_add(node, with_relu: bool):
-    if not _is(node, aten.add.Tensor):
+    if not is_call(node, (aten.add.Tensor,)):
         return None
     a = schema_arguments(node)
     if not _same_literal(1, a["alpha"]):
         return None
     relu = _sole_user(node) if with_relu else None
-    if with_relu and not (_is(relu, aten.relu.default) and relu.args == (node,)):
+    if with_relu and not (is_call(relu, (aten.relu.default,)) and relu.args == (node,)):
         return None
     x, y, q = _dq_into(a["self"], node), _dq_into(a["other"], node), _q_of(relu or node)
     if x is None or y is None or q is None:
@@ -348,15 +349,15 @@ def _match_add(node, with_relu: bool):
     return _Match(
         q_out,
         inner,
-        (x_i8, *xq[:2], y_i8, *yq[:2], *out),
+        (x_i8, *xq[:2], y_i8, *yq[:2], *_bound(out)),
         lambda op: rewrite(op, x_i8, xq, y_i8, yq, out),
     )
 
 
 def _match_max_pool2d(node):
-    if not _is(node, operator.getitem):
+    if not is_call(node, (operator.getitem,)):
         return None
-    if not _is(node.args[0], aten.max_pool2d_with_indices.default):
+    if not is_call(node.args[0], (aten.max_pool2d_with_indices.default,)):
         return None
     pool, index = node.args
     a = schema_arguments(pool)
@@ -371,14 +372,14 @@ def _match_max_pool2d(node):
     return _Match(
         q_out,
         (q_out, node, pool, a["self"]),
-        (x_i8, *xq, *out, k, s, index),
+        (x_i8, *_bound(xq), *_bound(out), k, s, index),
         lambda op: quantized_max_pool2d(op, x_i8, xq, k, s, index, out),
     )
 
 
 def _match_dynamic_linear(node):
     """x -> choose_qparams -> q -> dq -> linear (per-tensor int8 weight), float output."""
-    if not _is(node, aten.linear.default):
+    if not is_call(node, (aten.linear.default,)):
         return None
     a = schema_arguments(node)
     x, w = _dq_into(a["input"], node), _dq_into(a["weight"], node)
@@ -386,13 +387,13 @@ def _match_dynamic_linear(node):
         return None
     (q_x, xq), (w_i8, wq) = x, w
     q_args = _int8_qdq(q_x, qd.quantize_per_tensor)
-    if q_args is None or tuple(q_args[1:]) != tuple(xq):  # q and dq share all their qparams
+    if q_args is None or tuple(q_args[1:]) != _bound(xq):  # q and dq share all their qparams
         return None
     x_fp32, scale, zp = q_args[0], xq.scale, xq.zero_point
-    if not (_is(scale, operator.getitem) and _is(zp, operator.getitem)):
+    if not (is_call(scale, (operator.getitem,)) and is_call(zp, (operator.getitem,))):
         return None
     choose = scale.args[0]
-    if not (_is(choose, qd.choose_qparams.tensor) and zp.args[0] is choose):
+    if not (is_call(choose, (qd.choose_qparams.tensor,)) and zp.args[0] is choose):
         return None
     if not (_same_literal(0, scale.args[1]) and _same_literal(1, zp.args[1])):
         return None
@@ -406,7 +407,7 @@ def _match_dynamic_linear(node):
     return _Match(
         node,
         (node, a["input"], q_x, a["weight"]),
-        (x_fp32, *quant_range, c["eps"], w_i8, *wq, bias),
+        (x_fp32, *quant_range, c["eps"], w_i8, *_bound(wq), bias),
         lambda op: dynamic_quantized_linear(op, x_fp32, scale, zp, w_i8, wq, bias, quant_range),
         kept=(choose, scale, zp),  # part of the pattern, but reused rather than re-emitted
     )
@@ -418,7 +419,7 @@ def _match_single(packet, nargs, rewrite):
         if args is None:
             return None
         if nargs == 6:
-            return _Match(node, (node,), args, lambda op: rewrite(op, args[0], QParams(*args[1:])))
+            return _Match(node, (node,), args, lambda op: rewrite(op, args[0], _int8(*args[1:])))
         return _Match(node, (node,), args, lambda op: rewrite(op, *args))
 
     return match

@@ -1,8 +1,11 @@
-"""Lowered quantized modules vs. their reference modules, in integer steps of the output scale.
+"""Per-layer kernel errors: each weighted lowered module against its reference module, alone.
 
-Each weighted module is checked on its own: it gets exactly the quantized input
-its reference module saw inside the reference model, so errors do not compound
-across layers and the kernel's own contract (<= 1 LSB) is what is measured.
+Each weighted module is checked on its own: forward hooks on the reference model catch the float
+input and output of its reference module, the lowered module gets exactly that input quantized
+with the reference's input qparams, and its output is compared with the reference output on the
+lowered module's grid, in integer steps. So errors do not compound across layers and the kernel's
+own contract (<= 1 LSB) is what is measured, also where :func:`~qref.compare.compare_lowered` has
+no module point (a Linear with a ReLU before its quantize, degenerate-scale pins).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .lower import is_dequantize, is_quantize
+from ..nodes import is_dequantize_method, is_torch_quantize_per_tensor
+
+__all__ = ["LayerError", "layer_errors"]
 
 
 @dataclass(frozen=True)
@@ -28,9 +33,9 @@ class LayerError:
 def _input_qparams(reference: fx.GraphModule, target: str):
     """(scale, zero point, dtype) of the quantize feeding ``target`` in the reference graph."""
     for node in reference.graph.nodes:
-        if node.op == "call_module" and node.target == target and node.args and is_dequantize(node.args[0]):
+        if node.op == "call_module" and node.target == target and node.args and is_dequantize_method(node.args[0]):
             q = node.args[0].args[0]
-            if is_quantize(q):
+            if is_torch_quantize_per_tensor(q):
                 _, scale, zero_point, dtype = q.args
                 return getattr(reference, scale.target), getattr(reference, zero_point.target), dtype
     return None
@@ -71,6 +76,7 @@ def layer_errors(reference: fx.GraphModule, lowered: fx.GraphModule, inputs: lis
             worst = max(worst, int(diff.max()))
             differing += int((diff > 0).sum())
             total += diff.numel()
-        results.append(LayerError(name, type(module).__name__, worst, differing / max(total, 1), total, input_max))
+        results.append(LayerError(name=name, kind=type(module).__name__, max_lsb=worst,
+                                  off_fraction=differing / max(total, 1), elements=total, input_max=input_max))
     return results
 
