@@ -469,8 +469,9 @@ class _FloatBound(torch.fx.Interpreter):
       QAT graph computes (w * gamma/sigma) within 1 step only where it lies within ``_NEAR_TIE``
       steps of a rounding tie (a fold computes it in another float32 order);
     * conv / linear / add / mul / batch norm / matmul carry it as |linear map| of the bounds,
-      relu / hardtanh / sigmoid / tanh / hardsigmoid by their Lipschitz constants, moves and pools
-      by themselves; any other op on the path raises ``_NoBound`` (named, not guessed);
+      relu / hardtanh / sigmoid / tanh / hardsigmoid by their Lipschitz constants, softmax by twice
+      the largest bound along its dim, moves and pools by themselves; any other op on the path
+      (layer_norm, gelu, silu, ...) raises ``_NoBound`` (named, not guessed);
     * ``magnitude``: the same maps on absolute values (plus |biases|), for float32 rounding.
 
     Constants (weights, BN statistics: no dependence on the input) carry no bound."""
@@ -583,6 +584,11 @@ class _FloatBound(torch.fx.Interpreter):
             return got[0][1] * lip, got[0][2] * lip + value.abs()
         if t in _MOVES:
             return t(got[0][1], *args[1:], **kwargs), t(got[0][2], *args[1:], **kwargs)
+        if t in (_A.softmax.int, _A._softmax.default):
+            # d softmax_i = s_i (dx_i - sum_j s_j dx_j): |d softmax_i| <= 2 max_j |dx_j| along the dim
+            (x, rx, mx), dim = got[0], args[1]
+            spread = lambda r: (2 * r.amax(dim=dim, keepdim=True)).expand_as(value)  # noqa: E731
+            return spread(rx), spread(mx) + value.abs()
         if t is _A.cat.default:
             parts = [self._get(a) for a in args[0]]
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
@@ -688,7 +694,7 @@ def _matches_qat_model(subject, case):
                     out = next(n for n in trained.graph.nodes if n.op == "output").all_input_nodes[0]
                     bound = _zero(bounder.bound.get(out), expected) + 1e-5 * bounder.magnitude[out] + 1e-30
                 except _NoBound as why:
-                    subject.not_compared(f"float output through {why}: no error bound")
+                    subject.not_compared(f"float output through {why.args[0]}: no error bound")
                     return
             else:
                 expected = trained(x)
