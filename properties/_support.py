@@ -35,7 +35,6 @@ def budget(tier: str, **overrides):
 
 TIERS = tuple(PROFILES["quick"])  # primitives < ops < patterns < models (qref.report.TIERS)
 FLOWS = ("pt2e", "fx")
-_CASE_OPTIONS = ("specs", "qat", "engine", "kinds", "model", "where")
 
 
 def prop(flow: str | None, tier: str, *strategies, specs: str | None = None, qat: bool | None = None,
@@ -98,7 +97,7 @@ def prop(flow: str | None, tier: str, *strategies, specs: str | None = None, qat
             raise TypeError(f"{test.__name__}: case options given but the property draws no case")
         declared = Declared(flow, tier, specs or tier, options) if draws_case or in_body else \
             Declared(flow, tier, None, {})
-        drawn = dict(given, case=declared.cases()) if draws_case else given
+        drawn = {"case": declared.cases(), **given} if draws_case else given  # case first: its draws come first
         wrapped = _given(*strategies, **drawn)(test)
         wrapped = budget(tier, **overrides)(wrapped)
         wrapped = pytest.mark.qref_tier(tier)(wrapped)
@@ -123,6 +122,7 @@ class Declared:
     def cases(self, **changes):
         """The case strategy (with ``changes`` to the options, e.g. ``engine=``)."""
         from hypothesis import strategies as st
+        from hypothesis.strategies import SearchStrategy
 
         from qref.strategies import cases, model_specs
 
@@ -133,7 +133,7 @@ class Declared:
             raise TypeError(f"a property's case may change only qat, engine, where; not {sorted(unknown)}")
         o = {**self.options, **changes}
         flow, qat, engine, model, kinds = self.flow, o["qat"], o["engine"], o["model"], o["kinds"]
-        if model is not None and not callable(model):  # a premise: the model specs themselves
+        if isinstance(model, SearchStrategy):  # a premise: the model specs themselves
             strategy = cases(flow, qat=qat, engine=engine, model=model)
         elif model is None and kinds is None:
             strategy = cases(flow, tier=self.specs, qat=qat, engine=engine)

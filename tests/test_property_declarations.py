@@ -44,6 +44,7 @@ for name in sys.argv[1:]:
             "flows": sorted({m.args[0] for m in marks if m.name == "qref_flow"}),
             "max_examples": getattr(getattr(test, "_hypothesis_internal_use_settings", None), "max_examples", None),
             "case": repr(given["case"]) if "case" in given else None,
+            "first_drawn": next(iter(given), None),
             "declared_case": repr(d.cases()) if d is not None and d.specs is not None else None,
         })
 print(json.dumps(out))
@@ -84,6 +85,7 @@ def test_marker_tier_budget_and_case_agree(properties):
             assert TIERS.index(d["specs"]) >= TIERS.index(d["tier"]), where
             if p["case"] is not None:  # drawn by @given (else in the body, from subject.cases)
                 assert p["case"] == p["declared_case"], f"{where}: draws {p['case']}, declares {p['declared_case']}"
+                assert p["first_drawn"] == "case", f"{where}: the case is not drawn first"
 
 
 def test_properties_take_no_tier_but_the_declared_one():
