@@ -8,6 +8,9 @@ fails the rest of that test's examples at once, so shrinking does not wait for i
 Each example is counted (``qref.tally``): a property calls ``subject.compared()`` (or records an
 LSB error) when it has compared, ``subject.not_compared(cause)`` when the example lacks what it
 checks; one that compared no example is "not exercised", not "passed".
+
+A property is declared with one decorator, :func:`prop`: its flow, its tier (which decides its
+tier marker, its example budget and the tier of the models its case draws) and what it draws.
 """
 
 from __future__ import annotations
@@ -28,6 +31,124 @@ _SHARE = {tier: n / PROFILES["quick"]["primitives"] for tier, n in PROFILES["qui
 def budget(tier: str, **overrides):
     """``@settings`` for a property of ``tier``: the loaded profile's budget scaled to the tier."""
     return settings(max_examples=max(2, round(settings().max_examples * _SHARE[tier])), **overrides)
+
+
+TIERS = tuple(PROFILES["quick"])  # primitives < ops < patterns < models (qref.report.TIERS)
+FLOWS = ("pt2e", "fx")
+
+
+def prop(flow: str | None, tier: str, *strategies, specs: str | None = None, qat: bool | None = None,
+         engine: str | None = None, kinds=None, model=None, where=None, settings: dict | None = None,
+         **given):
+    """Declare a property: ``@prop("pt2e", "ops", fold_quantize=st.booleans())``.
+
+    One tier decides the property's ``qref_tier`` marker (the order it runs in and what its
+    failure gates), its example budget (``budget(tier)``, ``settings``: other ``@settings``
+    arguments, e.g. ``phases``) and the models its case draws.  ``flow`` (``"pt2e"``, ``"fx"``,
+    or None for a flow-independent property) gives the ``qref_flow`` marker and the case's flow.
+
+    A property with a ``case`` parameter draws it here, as
+    ``cases(flow, tier=specs or tier, qat=qat, engine=engine)``:
+
+    * ``specs``: the tier of the model specs drawn, when it is not the property's own: a clause
+      of the converter's contract checked early (tier ``ops``, gating the higher tiers) may be
+      drawn on richer models (``specs="patterns"``); never a lower tier than the property's (a
+      property checked on single ops belongs to the ``ops`` tier);
+    * ``kinds``: only these pattern kinds (``model_specs(..., kinds=)``; with ``qat=None`` the
+      QAT choice is drawn first, so the specs suit it);
+    * ``model``: the model specs themselves: a spec strategy that is the property's premise
+      (``conv_bn_specs(qat=True)``: its size is that strategy's; say it with ``specs`` when it is
+      above the tier), or a function of the tier's spec strategy (to filter or enlarge it);
+    * ``where``: keep only the cases it accepts (``Case -> bool``).
+
+    There is no ``case=`` argument: the case's models come from the tier.  A property that draws
+    its case in its body (its draw depends on a fixture, e.g. a parametrized engine) takes
+    ``data=st.data()`` and draws ``subject.cases(engine=engine)``.  Everything else the property
+    draws is passed on to ``@given``: keyword strategies (``fold_quantize=st.booleans()``) or,
+    for a property without a case, positional ones.  Other markers (expectations, xfail,
+    filterwarnings) and ``@example`` stack with it as with ``@given``.
+    """
+    import inspect
+
+    from hypothesis import given as _given
+
+    if flow is not None and flow not in FLOWS:
+        raise ValueError(f"flow must be one of {FLOWS} or None, not {flow!r}")
+    if tier not in TIERS:
+        raise ValueError(f"tier must be one of {TIERS}, not {tier!r}")
+    if specs is not None and (specs not in TIERS[1:] or TIERS.index(specs) < TIERS.index(tier)):
+        raise ValueError(f"specs={specs!r}: the tier of the models a case draws is one of {TIERS[1:]}, "
+                         f"not below the property's tier {tier!r}")
+    if "case" in given:
+        raise TypeError("prop(): no case=; the case follows the tier (specs=, qat=, engine=, kinds=, "
+                        "model=, where= shape it)")
+    if strategies and given:
+        raise TypeError("prop(): positional or keyword strategies, not both (as @given)")
+    options = {"specs": specs, "qat": qat, "engine": engine, "kinds": kinds, "model": model, "where": where}
+    overrides = dict(settings or {})
+
+    def decorate(test):
+        parameters = inspect.signature(test).parameters
+        draws_case = "case" in parameters and not strategies
+        in_body = not draws_case and "data" in given and flow is not None  # subject.cases(...)
+        if draws_case and flow is None:
+            raise TypeError(f"{test.__name__}: a property that draws a case needs a flow")
+        if not draws_case and not in_body and any(v is not None for v in options.values()):
+            raise TypeError(f"{test.__name__}: case options given but the property draws no case")
+        declared = Declared(flow, tier, specs or tier, options) if draws_case or in_body else \
+            Declared(flow, tier, None, {})
+        drawn = {"case": declared.cases(), **given} if draws_case else given  # case first: its draws come first
+        wrapped = _given(*strategies, **drawn)(test)
+        wrapped = budget(tier, **overrides)(wrapped)
+        wrapped = pytest.mark.qref_tier(tier)(wrapped)
+        if flow is not None:
+            wrapped = pytest.mark.qref_flow(flow)(wrapped)
+        wrapped.qref_property = declared
+        return wrapped
+
+    return decorate
+
+
+class Declared:
+    """What :func:`prop` declared: flow, tier, the tier of the models its case draws (None: it
+    draws no case) and the case options; ``cases()`` is the property's case strategy."""
+
+    def __init__(self, flow, tier, specs, options):
+        self.flow, self.tier, self.specs, self.options = flow, tier, specs, dict(options)
+
+    def __repr__(self) -> str:
+        return f"Declared(flow={self.flow!r}, tier={self.tier!r}, specs={self.specs!r})"
+
+    def cases(self, **changes):
+        """The case strategy (with ``changes`` to the options, e.g. ``engine=``)."""
+        from hypothesis import strategies as st
+        from hypothesis.strategies import SearchStrategy
+
+        from qref.strategies import cases, model_specs
+
+        if self.specs is None:
+            raise TypeError(f"{self!r} draws no case")
+        unknown = set(changes) - {"qat", "engine", "where"}
+        if unknown:
+            raise TypeError(f"a property's case may change only qat, engine, where; not {sorted(unknown)}")
+        o = {**self.options, **changes}
+        flow, qat, engine, model, kinds = self.flow, o["qat"], o["engine"], o["model"], o["kinds"]
+        if isinstance(model, SearchStrategy):  # a premise: the model specs themselves
+            strategy = cases(flow, qat=qat, engine=engine, model=model)
+        elif model is None and kinds is None:
+            strategy = cases(flow, tier=self.specs, qat=qat, engine=engine)
+        else:  # the tier's specs, narrowed to kinds or derived by model: they depend on qat
+            def of(q):
+                specs = model_specs(flow, self.specs, q, kinds=kinds)
+                return cases(flow, qat=q, engine=engine, model=specs if model is None else model(specs))
+
+            strategy = st.booleans().flatmap(of) if qat is None else of(qat)
+        return strategy if o["where"] is None else strategy.filter(o["where"])
+
+
+def declared(test) -> Declared | None:
+    """The :func:`prop` declaration of a property (None: not declared through it)."""
+    return getattr(test, "qref_property", None)
 
 
 @pytest.fixture
@@ -76,6 +197,14 @@ class Subject:
 
         lsb, reason = self._override
         return Tolerance.within(lsb, cause=f"expectations entry: {reason}")
+
+    def cases(self, **changes):
+        """The case strategy this property declared (``@prop``), with ``changes`` (e.g. the
+        ``engine`` a fixture chose), for a property that draws its case from ``data``."""
+        found = declared(self.prop)
+        if found is None:
+            raise TypeError(f"{getattr(self.prop, '__name__', self.prop)!r} is not declared with @prop")
+        return found.cases(**changes)
 
     def drew(self, **arguments) -> None:
         """Note the property's drawn arguments besides ``case`` (e.g. ``fold_quantize``), so that
@@ -176,8 +305,9 @@ def replay(module: str, name: str, target: str, case, arguments: dict) -> int:
     from hypothesis import strategies as st
     from hypothesis.errors import Flaky, Unsatisfiable
 
-    test = getattr(importlib.import_module(module), name).hypothesis.inner_test
-    subject = Subject(resolve(target, case.setup.flow), None, QrefRecord())
+    prop = getattr(importlib.import_module(module), name)
+    test = prop.hypothesis.inner_test
+    subject = Subject(resolve(target, case.setup.flow), None, QrefRecord(), prop)
     drawn = {"data": _CaseDraw(case)} if "data" in inspect.signature(test).parameters else {"case": case}
 
     # one run inside Hypothesis, which the property's event()/assume() calls need

@@ -11,22 +11,20 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
 import qref
 from qref.compare import EXACT, compare
 from qref.observers import is_observer
 from qref.pt2e.ops import DEQUANTIZE, QUANTIZE, is_call, real_users
-from qref.strategies import cases, conv_bn_specs, model_specs
+from qref.strategies import conv_bn_specs
 
-from ._support import budget, evaluation_ready, subject  # noqa: F401 (subject: fixture)
+from ._support import evaluation_ready, prop, subject  # noqa: F401 (subject: fixture)
 
 pytestmark = pytest.mark.qref_family("contract")
 
-pt2e = pytest.mark.qref_flow("pt2e")
-fx = pytest.mark.qref_flow("fx")
-ops_tier = pytest.mark.qref_tier("ops")
+# The contract's clauses are checked early (tier ops: a converter that breaks one is not
+# compared on patterns and models) on models the size of a pattern, which exercise more of the
+# graph (batch norms, residuals, fan-out) than a single op.
 
 
 # --- both flows ------------------------------------------------------------------------------
@@ -117,62 +115,41 @@ def _deterministic(subject, case, run_under):
                                f"(max |difference| {worst:g}, {torch.get_num_threads()} threads)")
 
 
-@pt2e
-@ops_tier
-@budget("ops")
-@given(case=cases("pt2e", tier="patterns"))
+@prop("pt2e", "ops", specs="patterns")
 def test_prepared_model_not_silently_changed(subject, case):
     _prepared_unchanged(subject, case)
 
 
-@pt2e
-@ops_tier
-@budget("ops")
-@given(case=cases("pt2e", qat=True, model=conv_bn_specs(qat=True)))
+@prop("pt2e", "ops", specs="patterns", qat=True, model=conv_bn_specs(qat=True))  # a conv-bn: a pattern
 def test_qat_fold_leaves_prepared_model_unchanged(subject, case):
     # The QAT conv-bn fold is where converters wrote folded weights back through tensors they
     # share with the prepared model (pytorch#104593): every example here has one to fold.
     _prepared_unchanged(subject, case)
 
 
-@pt2e
-@ops_tier
-@budget("ops")
-@given(case=cases("pt2e", tier="patterns"))
+@prop("pt2e", "ops", specs="patterns")
 def test_no_observer_left(subject, case):
     _no_observer_left(subject, case)
 
 
-@pt2e
-@ops_tier
-@budget("ops")
-@given(case=cases("pt2e", tier="patterns"))
+@prop("pt2e", "ops", specs="patterns")
 def test_deterministic(subject, case):
     _deterministic(subject, case, lambda: torch.no_grad())
 
 
-@fx
-@ops_tier
-@budget("ops")
-@given(case=cases("fx", tier="patterns"))
+@prop("fx", "ops", specs="patterns")
 def test_fx_prepared_model_not_silently_changed(subject, case):
     with qref.use_engine(case.setup.engine):
         _prepared_unchanged(subject, case)
 
 
-@fx
-@ops_tier
-@budget("ops")
-@given(case=cases("fx", tier="patterns"))
+@prop("fx", "ops", specs="patterns")
 def test_fx_no_observer_left(subject, case):
     with qref.use_engine(case.setup.engine):
         _no_observer_left(subject, case)
 
 
-@fx
-@ops_tier
-@budget("ops")
-@given(case=cases("fx", tier="patterns"))
+@prop("fx", "ops", specs="patterns")
 def test_fx_deterministic(subject, case):
     # one thread: onednn's multi-threaded kernels are nondeterministic by design (ONEDNN_THREADS)
     _deterministic(subject, case, lambda: qref.use_engine(case.setup.engine, threads=1))
@@ -203,18 +180,12 @@ def _outputs_independent_of_history(subject, case):
                                "keeps state between calls")
 
 
-@pt2e
-@ops_tier
-@budget("ops")
-@given(case=cases("pt2e", tier="patterns"))
+@prop("pt2e", "ops", specs="patterns")
 def test_outputs_independent_of_call_history(subject, case):
     _outputs_independent_of_history(subject, case)
 
 
-@fx
-@ops_tier
-@budget("ops")
-@given(case=cases("fx", tier="patterns"))
+@prop("fx", "ops", specs="patterns")
 def test_fx_outputs_independent_of_call_history(subject, case):
     with qref.use_engine(case.setup.engine, threads=1):  # onednn: ONEDNN_THREADS
         _outputs_independent_of_history(subject, case)
@@ -223,10 +194,7 @@ def test_fx_outputs_independent_of_call_history(subject, case):
 # --- pt2e ------------------------------------------------------------------------------------
 
 
-@pt2e
-@ops_tier
-@budget("ops")
-@given(case=cases("pt2e", tier="ops"))
+@prop("pt2e", "ops")
 def test_train_eval_disallowed(subject, case):
     converted = subject.convert(case, ready=False)
     subject.compared()
@@ -240,14 +208,7 @@ def test_train_eval_disallowed(subject, case):
 
 
 # Patterns where one quantized value feeds two ops: only there can a dequantize end up shared.
-_FAN_OUT_CASES = st.booleans().flatmap(
-    lambda qat: cases("pt2e", qat=qat, model=model_specs("pt2e", "patterns", qat, kinds=("add", "cat"))))
-
-
-@pt2e
-@ops_tier
-@budget("ops")
-@given(case=_FAN_OUT_CASES)
+@prop("pt2e", "ops", specs="patterns", kinds=("add", "cat"))
 def test_each_dequantize_has_one_user(subject, case):
     if not _has_fan_out(subject.reference(case)):
         subject.not_compared("no quantized value feeds two quantized ops in the reference")
@@ -271,10 +232,7 @@ def _traced(gm) -> int:
     return sum(1 for n in gm.graph.nodes if is_call(n, QUANTIZE + DEQUANTIZE) and n.meta.get("stack_trace"))
 
 
-@pt2e
-@ops_tier
-@budget("ops")
-@given(case=cases("pt2e", tier="patterns"))
+@prop("pt2e", "ops", specs="patterns")
 def test_qdq_nodes_carry_metadata(subject, case):
     expected = _traced(subject.reference(case, fold_quantize=False))
     if not expected:
@@ -291,10 +249,7 @@ def _weight_quantizes(gm) -> int:
     return sum(1 for n in gm.graph.nodes if is_call(n, QUANTIZE) and n.args[0].op == "get_attr")
 
 
-@pt2e
-@ops_tier
-@budget("ops")
-@given(case=cases("pt2e", tier="ops"))
+@prop("pt2e", "ops")
 def test_fold_quantize_honoured(subject, case):
     subject.require("fold_quantize")
     expected = _weight_quantizes(subject.reference(case, fold_quantize=False))
@@ -321,10 +276,7 @@ def _float_weighted_after_dequantize(gm) -> list[str]:
             and any(isinstance(a, torch.fx.Node) and is_call(a, DEQUANTIZE) for a in n.args[:2])]
 
 
-@pt2e
-@ops_tier
-@budget("ops")
-@given(case=cases("pt2e", tier="ops", qat=False))
+@prop("pt2e", "ops", qat=False)
 def test_reference_representation_honoured(subject, case):
     subject.require("use_reference_representation")
     reference = subject.reference(case, use_reference_representation=True)
@@ -357,10 +309,7 @@ def _quantized_module_names(prepared) -> list[str]:
             if n.op == "call_module" and weighted(prepared.get_submodule(str(n.target)))]
 
 
-@fx
-@ops_tier
-@budget("ops")
-@given(case=cases("fx", tier="patterns"))
+@prop("fx", "ops", specs="patterns")
 def test_fx_qconfig_none_stays_float(subject, case):
     subject.require("qconfig_mapping")
     names = _quantized_module_names(case.prepared())
@@ -379,10 +328,7 @@ def test_fx_qconfig_none_stays_float(subject, case):
                            f"made it {got}, the reference keeps {want}")
 
 
-@fx
-@ops_tier
-@budget("ops")
-@given(case=cases("fx", tier="ops"))
+@prop("fx", "ops")
 def test_fx_remove_qconfig_honoured(subject, case):
     subject.require("_remove_qconfig")
 
@@ -399,10 +345,7 @@ def test_fx_remove_qconfig_honoured(subject, case):
                                    f"the reference has {want}")
 
 
-@fx
-@ops_tier
-@budget("ops")
-@given(case=cases("fx", tier="ops"))
+@prop("fx", "ops")
 def test_fx_convert_custom_config_honoured(subject, case):
     from torch.ao.quantization.fx.custom_config import ConvertCustomConfig
 
@@ -425,10 +368,7 @@ def _without_linear(backend):
     return BackendConfig("qref_without_linear").set_backend_pattern_configs(keep)
 
 
-@fx
-@ops_tier
-@budget("ops")
-@given(case=cases("fx", tier="ops", qat=False))  # QAT: torch leaves a FusedMovingAvgObsFakeQuantize
+@prop("fx", "ops", qat=False)  # QAT: torch leaves a FusedMovingAvgObsFakeQuantize
 def test_fx_backend_config_honoured(subject, case):  # that cannot run when the backend drops its op
     subject.require("backend_config")
     backend = _without_linear(case.setup.backend_config())

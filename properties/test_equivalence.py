@@ -22,15 +22,15 @@ import math
 
 import pytest
 import torch
-from hypothesis import event, example, given, reject
+from hypothesis import event, example, reject
 from hypothesis import strategies as st
 
 import qref
 from qref.compare import EXACT, Tolerance, compare
 from qref.pt2e.ops import DEQUANTIZE, is_call, schema_arguments
-from qref.strategies import cases, conv_bn_specs, fixed_qparams_specs, model_specs
+from qref.strategies import conv_bn_specs, fixed_qparams_specs
 
-from ._support import budget, subject  # noqa: F401 (subject: fixture)
+from ._support import prop, subject  # noqa: F401 (subject: fixture)
 
 pytestmark = pytest.mark.qref_family("equivalence")
 
@@ -113,10 +113,7 @@ def _grouped_conv_case():
     return Case(spec, setup, ((x,),), ((x,), (x * 10,)), ("linspace", "linspace x10"))
 
 
-@pytest.mark.qref_flow("pt2e")
-@pytest.mark.qref_tier("ops")
-@budget("ops")
-@given(case=cases("pt2e", tier="ops"), fold_quantize=st.booleans())
+@prop("pt2e", "ops", fold_quantize=st.booleans())
 @example(case=_grouped_conv_case(), fold_quantize=True)
 def test_single_op_matches_reference(subject, case, fold_quantize):
     _pt2e_matches_reference(subject, case, fold_quantize)
@@ -132,19 +129,13 @@ def _large_batch(spec, extra: int):
     return dataclasses.replace(spec, input_shape=(_CHUNK // per_sample + 1 + extra, *spec.input_shape[1:]))
 
 
-@pytest.mark.qref_flow("pt2e")
-@pytest.mark.qref_tier("ops")
-@budget("ops")
-@given(case=cases("pt2e", qat=False, model=st.builds(_large_batch, model_specs("pt2e", "ops"),
-                                                     st.integers(0, 3))), fold_quantize=st.booleans())
+@prop("pt2e", "ops", qat=False, model=lambda specs: st.builds(_large_batch, specs, st.integers(0, 3)),
+      fold_quantize=st.booleans())
 def test_large_tensor_matches_reference(subject, case, fold_quantize):
     _pt2e_matches_reference(subject, case, fold_quantize)
 
 
-@pytest.mark.qref_flow("pt2e")
-@pytest.mark.qref_tier("ops")
-@budget("ops")
-@given(case=cases("pt2e", model=fixed_qparams_specs("pt2e")), fold_quantize=st.booleans())
+@prop("pt2e", "ops", model=fixed_qparams_specs("pt2e"), fold_quantize=st.booleans())  # ops, always that activation
 def test_fixed_qparams_op_matches_reference(subject, case, fold_quantize):
     """Always a sigmoid, tanh or hardsigmoid whose output qparams the quantizer fixes instead of
     observing (X86InductorQuantizer leaves these ops float: such cases are drawn again)."""
@@ -162,14 +153,7 @@ _FIXED_QPARAMS_OPS = (torch.ops.aten.sigmoid.default, torch.ops.aten.tanh.defaul
 
 
 # An add or a matmul of two activations, whose inputs each bring their own qparams.
-_TWO_INPUT_CASES = st.booleans().flatmap(
-    lambda qat: cases("pt2e", qat=qat, model=model_specs("pt2e", "patterns", qat, kinds=("add", "matmul"))))
-
-
-@pytest.mark.qref_flow("pt2e")
-@pytest.mark.qref_tier("patterns")
-@budget("ops")
-@given(case=_TWO_INPUT_CASES, fold_quantize=st.booleans())
+@prop("pt2e", "patterns", kinds=("add", "matmul"), fold_quantize=st.booleans())
 def test_two_input_op_matches_reference(subject, case, fold_quantize):
     """Always an op with two quantized inputs whose qparams differ (cat is left out: its inputs
     share qparams; so do inputs that are one tensor, and X86 leaves matmul float)."""
@@ -191,26 +175,17 @@ def _has_op_with_two_differently_quantized_inputs(gm) -> bool:
     return False
 
 
-@pytest.mark.qref_flow("pt2e")
-@pytest.mark.qref_tier("patterns")
-@budget("patterns")
-@given(case=cases("pt2e", tier="patterns"), fold_quantize=st.booleans())
+@prop("pt2e", "patterns", fold_quantize=st.booleans())
 def test_pattern_matches_reference(subject, case, fold_quantize):
     _pt2e_matches_reference(subject, case, fold_quantize)
 
 
-@pytest.mark.qref_flow("pt2e")
-@pytest.mark.qref_tier("models")
-@budget("models")
-@given(case=cases("pt2e", tier="models"), fold_quantize=st.booleans())
+@prop("pt2e", "models", fold_quantize=st.booleans())
 def test_model_matches_reference(subject, case, fold_quantize):
     _pt2e_matches_reference(subject, case, fold_quantize)
 
 
-@pytest.mark.qref_flow("pt2e")
-@pytest.mark.qref_tier("patterns")
-@budget("patterns")
-@given(case=cases("pt2e", tier="patterns", qat=False))
+@prop("pt2e", "patterns", qat=False)
 def test_reference_representation_matches_reference(subject, case):
     """The candidate's representation against qref's, exactly (outputs, and every integer point
     both have: where both are integer math on the same qparams they must agree bit for bit, so a
@@ -251,43 +226,28 @@ def _fx_matches_reference(subject, case):
                            f"{result.message()}", comparison=result)
 
 
-@pytest.mark.qref_flow("fx")
-@pytest.mark.qref_tier("ops")
-@budget("ops")
-@given(case=cases("fx", tier="ops"))
+@prop("fx", "ops")
 def test_fx_single_op_matches_reference(subject, case):
     _fx_matches_reference(subject, case)
 
 
-@pytest.mark.qref_flow("fx")
-@pytest.mark.qref_tier("ops")
-@budget("ops")
-@given(case=cases("fx", model=fixed_qparams_specs("fx")))
+@prop("fx", "ops", model=fixed_qparams_specs("fx"))
 def test_fx_fixed_qparams_op_matches_reference(subject, case):
     """Always a sigmoid, tanh or hardsigmoid: lowered to the engine's fixed-qparams kernel."""
     _fx_matches_reference(subject, case)
 
 
-@pytest.mark.qref_flow("fx")
-@pytest.mark.qref_tier("patterns")
-@budget("patterns")
-@given(case=cases("fx", tier="patterns"))
+@prop("fx", "patterns")
 def test_fx_pattern_matches_reference(subject, case):
     _fx_matches_reference(subject, case)
 
 
-@pytest.mark.qref_flow("fx")
-@pytest.mark.qref_tier("patterns")
-@budget("patterns")
-@given(case=cases("fx", qat=True, model=conv_bn_specs(flow="fx", qat=True)))
+@prop("fx", "patterns", qat=True, model=conv_bn_specs(flow="fx", qat=True))
 def test_fx_qat_conv_bn_matches_reference(subject, case):
     """Always a QAT conv-bn (the fused module's fold, with the BatchNorm's own eps)."""
     _fx_matches_reference(subject, case)
 
 
-@pytest.mark.qref_flow("fx")
-@pytest.mark.qref_tier("models")
-@budget("models")
-@given(case=cases("fx", tier="models"))
+@prop("fx", "models")
 def test_fx_model_matches_reference(subject, case):
     _fx_matches_reference(subject, case)

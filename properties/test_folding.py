@@ -38,18 +38,20 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 
 import qref
 from qref import tally
 from qref.compare import output_quantization, quantize_points
 from qref.pt2e.ops import DEQUANTIZE, QUANTIZE, is_call
-from qref.strategies import cases, conv_bn_specs, float_tensors, model_specs
+from qref.strategies import conv_bn_specs, float_tensors
 
-from ._support import budget, subject  # noqa: F401 (subject: fixture)
+from ._support import prop, subject  # noqa: F401 (subject: fixture)
 
 pytestmark = pytest.mark.qref_family("folding")
+
+_NO_SHRINK = dict(phases=[Phase.explicit, Phase.reuse, Phase.generate])  # any failing example shows the defect
 
 _BN_OPS = {torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default,
            torch.ops.aten._native_batch_norm_legit_no_training.default,
@@ -88,9 +90,7 @@ def _conv(conv, x, weight, bias):
     return (F.conv1d if x.dim() == 3 else F.conv2d)(x, weight, bias, **kw)
 
 
-@pytest.mark.qref_tier("primitives")
-@budget("ops")
-@given(spec=conv_bn_specs(), data=st.data())
+@prop(None, "primitives", spec=conv_bn_specs(), data=st.data())  # no converter
 def test_fold_conv_bn_matches_eval_bn_conv(spec, data):
     model = spec.build().eval().double()
     conv, bn = _conv_and_bn(model)
@@ -145,11 +145,8 @@ def _kept(prepared, bn) -> bool:
                for m, eps in _prepared_bn_settings(prepared))
 
 
-@pytest.mark.qref_flow("pt2e")
-@pytest.mark.qref_tier("patterns")
-@budget("patterns", phases=[Phase.explicit, Phase.reuse, Phase.generate])  # any conv-bn shows it: no shrink
-@given(case=cases("pt2e", qat=True, model=conv_bn_specs(qat=True, eps=st.sampled_from([1.0, 1e-3, 0.1]),
-                                                          momentum=st.sampled_from([0.5, 0.01]))))
+@prop("pt2e", "patterns", qat=True, settings=_NO_SHRINK,  # any conv-bn shows it
+      model=conv_bn_specs(qat=True, eps=st.sampled_from([1.0, 1e-3, 0.1]), momentum=st.sampled_from([0.5, 0.01])))
 def test_qat_prepare_keeps_bn_eps_and_momentum(case):
     """A prepare-stage precondition (the converter is not involved)."""
     prepared = case.prepared()
@@ -267,10 +264,7 @@ DEFAULT_BN_EPS = 1e-5
 _OTHER_EPS = st.sampled_from([1.0, 1e-3, 0.1])
 
 
-@pytest.mark.qref_flow("pt2e")
-@pytest.mark.qref_tier("patterns")
-@budget("patterns")
-@given(case=cases("pt2e", qat=True, model=conv_bn_specs(qat=True)))
+@prop("pt2e", "patterns", qat=True, model=conv_bn_specs(qat=True))
 def test_conv_bn_matches_float_model(subject, case):
     """The converted conv-bn agrees with the float model's eval bn(conv(x)), its own eps and
     the running statistics calibration left. The prepared model keeps the drawn eps and momentum
@@ -283,10 +277,8 @@ def test_conv_bn_matches_float_model(subject, case):
     _conv_bn_vs_float_model(subject, case, default_eps_judged_elsewhere=True)
 
 
-@pytest.mark.qref_flow("pt2e")
-@pytest.mark.qref_tier("patterns")
-@budget("patterns", phases=[Phase.explicit, Phase.reuse, Phase.generate])  # any such conv-bn shows it: no shrink
-@given(case=cases("pt2e", qat=True, model=conv_bn_specs(qat=True, eps=_OTHER_EPS, momentum=st.sampled_from([0.5, 0.01]))))
+@prop("pt2e", "patterns", qat=True, settings=_NO_SHRINK,  # any such conv-bn shows it
+      model=conv_bn_specs(qat=True, eps=_OTHER_EPS, momentum=st.sampled_from([0.5, 0.01])))
 def test_qat_fold_uses_the_graphs_bn_eps(subject, case):
     """A BatchNorm with another eps than the default: the converted conv-bn agrees with the float
     model's eval bn(conv(x)) with that eps (the prepared graph carries it: ``_prepared_keeping_bn``)."""
@@ -404,11 +396,7 @@ def _frozen_fake_quant(m, x):
     return torch.fake_quantize_per_tensor_affine(x, float(m.scale), int(m.zero_point), m.quant_min, m.quant_max)
 
 
-@pytest.mark.qref_flow("pt2e")
-@pytest.mark.qref_tier("patterns")
-@budget("patterns", phases=[Phase.explicit, Phase.reuse, Phase.generate])  # any example shows it: no shrink
-@given(case=cases("pt2e", qat=True, tier="patterns"),
-       magnitude=st.sampled_from([1.0, 0.0, 1e-4]))
+@prop("pt2e", "patterns", qat=True, settings=_NO_SHRINK, magnitude=st.sampled_from([1.0, 0.0, 1e-4]))  # any example shows it
 def test_qat_fake_quant_trains_with_the_qparams_convert_uses(case, magnitude):
     """A training-stage precondition (the converter is not involved): a QAT model converts to what
     was trained only if each fake-quantizer trained with the qparams conversion computes from its
@@ -621,10 +609,7 @@ def _qat_eval_with_convert_qparams(case):
     return trained, _hold_convert_qparams(trained)
 
 
-@pytest.mark.qref_flow("pt2e")
-@pytest.mark.qref_tier("patterns")
-@budget("patterns")
-@given(case=cases("pt2e", qat=True, tier="patterns"))
+@prop("pt2e", "patterns", qat=True)
 def test_converted_matches_qat_model(subject, case):
     """The converted model computes what was trained (any QAT setup): see ``_matches_qat_model``."""
     _matches_qat_model(subject, case)
@@ -634,15 +619,10 @@ def test_converted_matches_qat_model(subject, case):
 # outputs. Specs X86InductorQuantizer annotates (conv2d or linear: a cheap filter before
 # preparation); the setup is drawn among those that prepare the spec, so about half the cases are
 # rejected after preparing (QuantSetup draws take no quantizer kind).
-_X86_QAT_CASES = cases("pt2e", qat=True, model=model_specs("pt2e", "patterns", qat=True).filter(
-    lambda spec: bool(spec.ops & {"conv2d", "linear"}))).filter(lambda case: case.setup.kind == "x86")
-
-
-@pytest.mark.qref_flow("pt2e")
-@pytest.mark.qref_tier("patterns")
-@budget("patterns", suppress_health_check=[*settings().suppress_health_check, HealthCheck.filter_too_much,
-                                           HealthCheck.too_slow])
-@given(case=_X86_QAT_CASES)
+@prop("pt2e", "patterns", qat=True, model=lambda specs: specs.filter(lambda spec: bool(spec.ops & {"conv2d", "linear"})),
+      where=lambda case: case.setup.kind == "x86",
+      settings=dict(suppress_health_check=[*settings().suppress_health_check, HealthCheck.filter_too_much,
+                                           HealthCheck.too_slow]))
 def test_x86_qat_converted_matches_qat_model(subject, case):
     """``test_converted_matches_qat_model`` on torchao's default X86 QAT setup only, whose
     fake-quantizers train with other qparams than conversion uses in nearly every example."""

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, reject
+from hypothesis import reject
 from hypothesis import strategies as st
 
 import qref
 from qref.compare import Tolerance, compare, compare_lowered
 from qref.engines import Layer, has_vnni, known_deviation
-from qref.strategies import cases
 
-from ._support import budget, divergence, subject  # noqa: F401 (subject: fixture)
+from ._support import divergence, prop, subject  # noqa: F401 (subject: fixture)
 
 pytestmark = [pytest.mark.qref_family("kernels"), pytest.mark.qref_flow("fx")]
 
@@ -139,12 +138,10 @@ def _kernel_verdict(subject, engine, reference, lowered, inputs) -> tuple[dict, 
     return excused, f"lowered on {engine}, a layer leaves the kernel contract:\n{result.message()}{shown}"
 
 
-@pytest.mark.qref_tier("ops")
-@budget("ops")
-@given(data=st.data())
+@prop("fx", "ops", specs="patterns", data=st.data())  # the case is drawn for the parametrized engine
 def test_lowered_within_kernel_contract(subject, engine, data):
     subject.drew(engine=engine)  # data: only the case (a replay passes it)
-    case = data.draw(cases("fx", tier="patterns", engine=engine), label="case")
+    case = data.draw(subject.cases(engine=engine), label="case")
     reference, lowered = _lower(subject, case, engine)
     _, failure = _kernel_verdict(subject, engine, reference, lowered, case.inputs)
     if failure:
@@ -155,9 +152,7 @@ ENGINES_AGREE_CAUSE = ("each engine is within 1 LSB of the reference per lowered
                        "quantized input, so two engines fed the same input may differ by 2 LSB")
 
 
-@pytest.mark.qref_tier("patterns")
-@budget("patterns")
-@given(case=cases("fx", tier="patterns", engine="fbgemm"))
+@prop("fx", "patterns", engine="fbgemm")
 def test_engines_agree(subject, qref_engines, case):
     """fbgemm-prepared models (reduce_range, so 7-bit activations) lowered on fbgemm and on qnnpack
     (and onednn/x86 on a VNNI CPU): the engines whose 1-LSB contracts overlap here.  Each is

@@ -19,13 +19,16 @@ import numpy as np
 import pytest
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
-from hypothesis import assume, event, given
+from hypothesis import assume, event
 from hypothesis import strategies as st
 
 from qref import reference_numpy as ref
 from qref.tally import compared
 from qref.strategies import FLOAT32_MAX, QDType, as_layout, float_tensors, layouts, qdtypes, qparams, shapes
 
+from ._support import prop
+
+# the tier marker here covers the strict-xfail pins below (plain tests); the properties declare it with @prop
 pytestmark = [pytest.mark.qref_family("primitives"), pytest.mark.qref_tier("primitives")]
 
 qd = torch.ops.quantized_decomposed
@@ -140,7 +143,7 @@ def int32_wrap_excuse(qp):
 
 # ---------------------------------------------------------------------------- properties 1-4
 
-@given(cases(per_channel=None))
+@prop(None, "primitives", cases(per_channel=None))
 def test_quantize_matches_reference(case):
     """P1/P2/P3/P4: decomposed quantize == reference within the float32 envelope, any qparams/dtype."""
     x, qp = case
@@ -150,7 +153,7 @@ def test_quantize_matches_reference(case):
                    + ("tensor" if qp.axis is None else "channel"), x, qp, got, int32_wrap_excuse(qp))
 
 
-@given(cases(per_channel=False, big=True))
+@prop(None, "primitives", cases(per_channel=False, big=True))
 def test_quantize_big_tensor_tail(case):
     """P1 on 1000-5000 elements (vectorised main loop + scalar tail), specials planted at the tail."""
     x, qp = case
@@ -158,7 +161,7 @@ def test_quantize_big_tensor_tail(case):
                    x, qp, decomposed_quantize(x, qp), int32_wrap_excuse(qp))
 
 
-@given(qparams(per_channel=None, channels=3), st.sampled_from(["inf", "-inf", "1e30", "fmax", "-fmax"]))
+@prop(None, "primitives", qparams(per_channel=None, channels=3), st.sampled_from(["inf", "-inf", "1e30", "fmax", "-fmax"]))
 def test_saturation_never_wraps(qp, kind):
     """P2: +-inf and far-out finite values land at the exact range end, per-tensor and per-channel."""
     v = {"inf": np.inf, "-inf": -np.inf, "1e30": 1e30, "fmax": FLOAT32_MAX, "-fmax": -FLOAT32_MAX}[kind]
@@ -174,7 +177,7 @@ def test_saturation_never_wraps(qp, kind):
     assert bool(ok.all()), f"[P2 saturation] x={v} must give q={want_end}; {qp.describe()}; got {got.tolist()}"
 
 
-@given(qdtypes(), st.data())
+@prop(None, "primitives", qdtypes(), st.data())
 def test_exact_ties_round_half_even(qdt: QDType, data):
     """P3: x = (k + 0.5) * 2**e (exact in float32, exact product) rounds half to even, then + zp."""
     e = data.draw(st.integers(-20, 10), label="scale exponent")
@@ -197,7 +200,7 @@ def test_exact_ties_round_half_even(qdt: QDType, data):
 
 # ---------------------------------------------------------------------------- property 5
 
-@given(cases(per_channel=True))
+@prop(None, "primitives", cases(per_channel=True))
 def test_per_channel_equals_per_tensor_by_channel(case):
     """P5: quantize_per_channel == quantize_per_tensor applied to each channel slice, exactly."""
     x, qp = case
@@ -230,7 +233,7 @@ def decomposed_dequantize(q, qp):
     return qd.dequantize_per_channel(q, qp.scale, qp.zero_point, qp.axis, qp.quant_min, qp.quant_max, qp.dtype)
 
 
-@given(cases(per_channel=None, dtypes=[torch.uint8, torch.int8, torch.int16]))
+@prop(None, "primitives", cases(per_channel=None, dtypes=[torch.uint8, torch.int8, torch.int16]))
 def test_dequantize_quantize_equals_fake_quantize(case):
     """P6: dequantize(quantize(x)) == fake_quantize(x) bit-exactly for 8/16-bit ranges.
 
@@ -263,7 +266,7 @@ def test_dequantize_quantize_equals_fake_quantize(case):
             f"({(float(fq[i]) - float(dq[i])) / s:+g} LSB)")
 
 
-@given(cases(per_channel=None))
+@prop(None, "primitives", cases(per_channel=None))
 def test_dequantize_matches_reference(case):
     """P6b: dequantize == float64 reference (q - zp) * scale within float32 rounding of the op:
     3 * 2**-24 * |ref| (q - zp is exact when |q|, |zp| <= 2**24); for int32 values beyond 2**24 the op's
@@ -289,7 +292,7 @@ def test_dequantize_matches_reference(case):
 
 # ---------------------------------------------------------------------------- property 7
 
-@given(st.data())
+@prop(None, "primitives", st.data())
 def test_layout_independence(data):
     """P7: channels-last / transposed / strided input gives the same integers as contiguous."""
     shape = data.draw(shapes(min_dims=2, max_dims=4), label="shape")
@@ -308,7 +311,7 @@ def test_layout_independence(data):
                                  f"contiguous={fa[i].item()} {layout}={fb[i].item()}")
 
 
-@given(cases(per_channel=True))
+@prop(None, "primitives", cases(per_channel=True))
 def test_zero_point_dtype_independence(case):
     """P7 (executorch #34 class): int32 vs int64 zero_point tensors give identical q and dq."""
     x, qp = case
@@ -342,7 +345,7 @@ _EAGER = {(torch.uint8, 0, 255): torch.quint8, (torch.int8, -128, 127): torch.qi
 
 
 @pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions.*:UserWarning")
-@given(st.data())
+@prop(None, "primitives", st.data())
 def test_eager_quantize_per_tensor_matches_reference(data):
     """P1 for torch.quantize_per_tensor(...).int_repr() on the dtypes it supports (full ranges)."""
     key = data.draw(st.sampled_from(sorted(_EAGER, key=str)), label="eager dtype")

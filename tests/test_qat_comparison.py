@@ -27,7 +27,7 @@ from qref.plugin import QrefRecord
 from qref.strategies import cases, conv_bn_specs
 
 from properties import test_folding as folding
-from properties._support import PROFILES, Subject
+from properties._support import PROFILES, Subject, declared
 
 QUICK = PROFILES["quick"]["patterns"]
 
@@ -63,7 +63,7 @@ def _old_property_compared(case) -> bool:
     return out_qp is not None and out_qp.axis is None
 
 
-X86_QAT = folding._X86_QAT_CASES  # what test_x86_qat_converted_matches_qat_model draws
+X86_QAT = declared(folding.test_x86_qat_converted_matches_qat_model).cases()  # what it draws
 
 
 @pytest.mark.parametrize("rng_seed", [0, 1])
