@@ -20,12 +20,13 @@ from hypothesis import settings
 
 # max_examples per tier.  Primitives are cheap; a model-level example costs an export, a
 # prepare, two conversions and a comparison (~0.3-1 s here).
+# Real architectures (transformers models, seconds per example) are not run at quick.
 PROFILES = {
-    "quick": {"primitives": 20, "ops": 6, "patterns": 5, "models": 4},
-    "default": {"primitives": 100, "ops": 30, "patterns": 25, "models": 20},
-    "thorough": {"primitives": 1000, "ops": 200, "patterns": 150, "models": 100},
+    "quick": {"primitives": 20, "ops": 6, "patterns": 5, "models": 4, "architectures": 0},
+    "default": {"primitives": 100, "ops": 30, "patterns": 25, "models": 20, "architectures": 3},
+    "thorough": {"primitives": 1000, "ops": 200, "patterns": 150, "models": 100, "architectures": 30},
 }
-_SHARE = {tier: n / PROFILES["quick"]["primitives"] for tier, n in PROFILES["quick"].items()}
+_SHARE = {tier: n / PROFILES["default"]["primitives"] for tier, n in PROFILES["default"].items()}
 
 
 def budget(tier: str, **overrides):
@@ -33,7 +34,7 @@ def budget(tier: str, **overrides):
     return settings(max_examples=max(2, round(settings().max_examples * _SHARE[tier])), **overrides)
 
 
-TIERS = tuple(PROFILES["quick"])  # primitives < ops < patterns < models (qref.report.TIERS)
+TIERS = tuple(PROFILES["quick"])  # primitives < ops < patterns < models < architectures (qref.report.TIERS)
 FLOWS = ("pt2e", "fx")
 
 
@@ -133,7 +134,11 @@ class Declared:
             raise TypeError(f"a property's case may change only qat, engine, where; not {sorted(unknown)}")
         o = {**self.options, **changes}
         flow, qat, engine, model, kinds = self.flow, o["qat"], o["engine"], o["model"], o["kinds"]
-        if isinstance(model, SearchStrategy):  # a premise: the model specs themselves
+        if self.specs == "architectures":  # transformers models, not model specs; kinds: families
+            from qref.strategies.architectures import architecture_cases
+
+            strategy = architecture_cases(flow, qat=qat, engine=engine, families=kinds)
+        elif isinstance(model, SearchStrategy):  # a premise: the model specs themselves
             strategy = cases(flow, qat=qat, engine=engine, model=model)
         elif model is None and kinds is None:
             strategy = cases(flow, tier=self.specs, qat=qat, engine=engine)

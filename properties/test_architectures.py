@@ -16,29 +16,20 @@ them (3 and 30 examples).
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, reject, settings
+from hypothesis import reject, settings
 from hypothesis import strategies as st
 
 import qref
 from qref.compare import EXACT, compare
 from qref.strategies.architectures import (
-    FAMILIES, FX_TRACEABLE, MODELS_EXTRA_MISSING, architecture_cases, fx_trace_error, models_available,
+    FAMILIES, FX_TRACEABLE, MODELS_EXTRA_MISSING, fx_trace_error, models_available,
 )
 
-from ._support import subject  # noqa: F401 (subject: fixture)
+from ._support import prop, subject  # noqa: F401 (subject: fixture)
 
 pytestmark = pytest.mark.qref_family("equivalence")
 
 QUICK_PROFILE_SKIP = "not run at the quick profile: real architectures take minutes; use --profile default"
-
-# of the loaded profile's primitive budget (quick 20, default 100, thorough 1000): 3 at default
-_SHARE = 0.03
-
-
-def architecture_budget(**overrides):
-    """``@settings`` for a real-architecture property: 3% of the loaded profile's budget, at least 2."""
-    return settings(max_examples=max(2, round(settings().max_examples * _SHARE)), **overrides)
-
 
 @pytest.fixture(autouse=True)
 def architectures_available():
@@ -49,10 +40,7 @@ def architectures_available():
         pytest.skip(QUICK_PROFILE_SKIP)
 
 
-@pytest.mark.qref_flow("pt2e")
-@pytest.mark.qref_tier("models")
-@architecture_budget()
-@given(case=architecture_cases("pt2e"), fold_quantize=st.booleans())
+@prop("pt2e", "architectures", fold_quantize=st.booleans())
 def test_architecture_matches_reference(subject, case, fold_quantize):
     """PTQ and QAT, X86InductorQuantizer and QrefQuantizer setups (every one that quantizes the
     family: all do), exactly as ``test_model_matches_reference``."""
@@ -66,10 +54,7 @@ def test_architecture_matches_reference(subject, case, fold_quantize):
                            f"(fold_quantize={fold_quantize}):\n{result.message()}", comparison=result)
 
 
-@pytest.mark.qref_flow("fx")
-@pytest.mark.qref_tier("models")
-@architecture_budget()
-@given(case=architecture_cases("fx", families=FX_TRACEABLE + tuple(f for f in FAMILIES if f not in FX_TRACEABLE)))
+@prop("fx", "architectures", kinds=FX_TRACEABLE + tuple(f for f in FAMILIES if f not in FX_TRACEABLE))
 def test_fx_architecture_matches_reference(subject, case):
     """Lowered on the setup's engine, exactly at every lowered module and op, as
     ``test_fx_model_matches_reference``.  Only MobileNetV2/V1 without ``tf_padding`` trace with

@@ -29,6 +29,7 @@ import qref
 from qref.compare import EXACT, Tolerance, compare
 from qref.pt2e.ops import DEQUANTIZE, is_call, schema_arguments
 from qref.strategies import conv_bn_specs, fixed_qparams_specs
+from qref.strategies.models import SEQUENCE_KINDS
 
 from ._support import prop, subject  # noqa: F401 (subject: fixture)
 
@@ -177,6 +178,13 @@ def _has_op_with_two_differently_quantized_inputs(gm) -> bool:
 
 @prop("pt2e", "patterns", fold_quantize=st.booleans())
 def test_pattern_matches_reference(subject, case, fold_quantize):
+    _pt2e_matches_reference(subject, case, fold_quantize)
+
+
+@prop("pt2e", "patterns", kinds=SEQUENCE_KINDS, fold_quantize=st.booleans())
+def test_sequence_pattern_matches_reference(subject, case, fold_quantize):
+    """Transformer pieces on their own budget: Linear on 3-D/4-D inputs, LayerNorm, GELU/SiLU,
+    softmax, attention blocks (a pattern draw would reach them in few examples)."""
     _pt2e_matches_reference(subject, case, fold_quantize)
 
 

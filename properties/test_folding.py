@@ -740,17 +740,11 @@ def _prepare_keeps_the_float_model(case):
             f"'{worst[2]}'\nmodel: {case.spec!r}\nsetup: {case.setup!r}")
 
 
-@pytest.mark.qref_flow("pt2e")
-@pytest.mark.qref_tier("patterns")
-@budget("patterns")
-@given(case=cases("pt2e", tier="patterns", qat=False))
+@prop("pt2e", "patterns", qat=False)
 def test_prepare_keeps_the_float_model(case):
     _prepare_keeps_the_float_model(case)
 
 
-@pytest.mark.qref_flow("fx")
-@pytest.mark.qref_tier("patterns")
-@budget("patterns")
-@given(case=cases("fx", tier="patterns", qat=False))
+@prop("fx", "patterns", qat=False)
 def test_fx_prepare_keeps_the_float_model(case):
     _prepare_keeps_the_float_model(case)

@@ -25,7 +25,7 @@ __all__ = [
 
 SCHEMA_VERSION = 3  # 2: compared/drawn examples, "not exercised"; 3: coverage
 FAMILIES = ("primitives", "equivalence", "folding", "kernels", "contract")
-TIERS = ("primitives", "ops", "patterns", "models")
+TIERS = ("primitives", "ops", "patterns", "models", "architectures")
 NOT_RUN_PREFIX = "not run because "
 NOT_EXERCISED_PREFIX = "not exercised: "
 EXPECTED_SKIP_PREFIX = "expected failure: "

@@ -124,7 +124,7 @@ def _catalogue() -> dict[str, str]:
             row = row if len(row) == len(names) else row * len(names) if len(row) == 1 else [None] * len(names)
         for group, tier in zip(names, row):
             for name in group or ():
-                if tier in ("primitives", "ops", "patterns", "models"):
+                if tier in ("primitives", "ops", "patterns", "models", "architectures"):
                     tiers[name] = tier
     return tiers
 
