@@ -188,6 +188,13 @@ def test_sequence_pattern_matches_reference(subject, case, fold_quantize):
     _pt2e_matches_reference(subject, case, fold_quantize)
 
 
+@prop("pt2e", "patterns", qat=True, model=conv_bn_specs(qat=True), fold_quantize=st.booleans())
+def test_qat_conv_bn_matches_reference(subject, case, fold_quantize):
+    """Always a QAT conv-bn: the fold conversion does (bias, eps, running statistics, groups and
+    transposed weights), compared at every point, as ``test_fx_qat_conv_bn_matches_reference``."""
+    _pt2e_matches_reference(subject, case, fold_quantize)
+
+
 @prop("pt2e", "models", fold_quantize=st.booleans())
 def test_model_matches_reference(subject, case, fold_quantize):
     _pt2e_matches_reference(subject, case, fold_quantize)

@@ -203,12 +203,15 @@ def test_every_option_reaches_pytest_as_the_plugin_declares_it():
 
     suite = cli.suite_dir()
     argv = ["check", "qref-pt2e", "--seed", "0", "--profile", "default", "--report", "r.json", "--html", "r.html",
-            "--artifacts", "a", "--expected-as-skip", "--timeout", "5", "--engine", "x86"]
+            "--artifacts", "a", "--expected-as-skip", "--timeout", "5", "--engine", "x86",
+            "--coverage-at-least", "conv2d", "linear"]
     args = cli.pytest_args(cli._parser().parse_args(argv), "pt2e", suite, [])
     for name, value in [("seed", "0"), ("profile", "default"), ("report", "r.json"), ("html", "r.html"),
                         ("artifacts", "a"), ("timeout", "5.0"), ("engine", "x86")]:
         assert args[args.index(f"--qref-{name}") + 1] == value, name
     assert "--qref-expected-as-skip" in args and "qref.plugin.console" in args
+    at_least = args.index("--qref-coverage-at-least")
+    assert args[at_least + 1] == "conv2d" and args[args.index("--qref-coverage-at-least", at_least + 1) + 1] == "linear"
     assert {o.name for o in OPTIONS if o.in_cli} <= {a[2:] for a in argv if a.startswith("--")} | {"flow", "expectations"}
     verbose = cli.pytest_args(cli._parser().parse_args(["check", "qref-pt2e", "-v"]), "pt2e", suite, [])
     assert "qref.plugin.console" not in verbose

@@ -523,7 +523,8 @@ def test_renamed_points_pair_by_their_integers_before_graph_order():
     """Real-architecture tier (ResNet, torchao QAT fold): the candidate's folded shortcut conv comes
     before the main-path conv in its graph, so pairing by graph order alone swapped a 3x3 and a 1x1
     weight; a point whose integers equal a reference point's pairs with it first."""
-    from qref.compare import _pairs, _Point
+    from qref.compare.pairing import _pairs
+    from qref.compare.record import _Point
 
     def point(key, position, values):
         return _Point(key, key, "weight", 0, None, position, [values])

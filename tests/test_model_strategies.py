@@ -17,7 +17,7 @@ from qref.strategies import (
     Act, BatchNorm, Cat, Conv, Linear, MatMul, ModelSpec, Pool, QuantSetup, Residual, cases,
     conv_bn_specs, model_specs, quant_setups,
 )
-from qref.strategies.models import SEQUENCE_KINDS, Attention, LayerNorm, Softmax, SpecError
+from qref.strategies.models import SEQUENCE_KINDS, Attention, LayerNorm, Shared, Softmax, SpecError
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FLOWS = [("pt2e", False), ("pt2e", True), ("fx", False), ("fx", True)]
@@ -96,7 +96,7 @@ def test_patterns_tier_is_one_pattern(spec):
     kinds = {type(l) for l in spec.layers}
     # the longest pattern: conv, act, a pool that keeps the features few, flatten, linear, act
     assert len(_weighted(spec)) <= 4 and len(spec.layers) <= 6
-    assert kinds & {Conv, Linear, Residual, Cat, MatMul}
+    assert kinds & {Conv, Linear, Residual, Cat, MatMul, Shared}
 
 
 @pytest.mark.parametrize("kind,wanted", [("conv_bn", BatchNorm), ("add", Residual), ("cat", Cat),

@@ -15,8 +15,8 @@ def _is_dynamic(dq: fx.Node) -> bool:
     q = dq.args[0]
     if not is_call(q, QUANTIZE) or not isinstance(q.args[1], fx.Node):
         return False
-    getitem = q.args[1]
-    return isinstance(getitem.args[0], fx.Node) and is_call(getitem.args[0], CHOOSE_QPARAMS)
+    getitem = q.args[1]  # a dynamic quantize reads choose_qparams(...)[0]; a weight's scale is a get_attr
+    return bool(getitem.args) and isinstance(getitem.args[0], fx.Node) and is_call(getitem.args[0], CHOOSE_QPARAMS)
 
 
 def duplicate_dequantize(gm: fx.GraphModule) -> fx.GraphModule:
