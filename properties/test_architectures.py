@@ -19,13 +19,12 @@ import pytest
 from hypothesis import reject, settings
 from hypothesis import strategies as st
 
-import qref
-from qref.compare import EXACT, compare
 from qref.strategies.architectures import (
     FAMILIES, FX_TRACEABLE, MODELS_EXTRA_MISSING, fx_trace_error, models_available,
 )
 
 from ._support import prop, subject  # noqa: F401 (subject: fixture)
+from .test_equivalence import _fx_matches_reference, _pt2e_matches_reference
 
 pytestmark = pytest.mark.qref_family("equivalence")
 
@@ -44,14 +43,7 @@ def architectures_available():
 def test_architecture_matches_reference(subject, case, fold_quantize):
     """PTQ and QAT, X86InductorQuantizer and QrefQuantizer setups (every one that quantizes the
     family: all do), exactly as ``test_model_matches_reference``."""
-    subject.drew(fold_quantize=fold_quantize)
-    reference = subject.reference(case, fold_quantize=fold_quantize)
-    candidate = subject.convert(case, fold_quantize=fold_quantize)
-    result = compare(reference, candidate, case.inputs, subject.tolerance(EXACT))
-    subject.record.lsb(result.max_lsb)
-    if not result.ok:
-        subject.fail(case, f"{subject.target} vs qref reference on {case.spec.family} "
-                           f"(fold_quantize={fold_quantize}):\n{result.message()}", comparison=result)
+    _pt2e_matches_reference(subject, case, fold_quantize)
 
 
 @prop("fx", "architectures", kinds=FX_TRACEABLE + tuple(f for f in FAMILIES if f not in FX_TRACEABLE))
@@ -63,11 +55,4 @@ def test_fx_architecture_matches_reference(subject, case):
     if fx_trace_error(case.spec) is not None:
         subject.not_compared("does not trace with torch.fx")
         reject()
-    with qref.use_engine(case.setup.engine, threads=1):
-        reference = subject.reference(case)
-        candidate = subject.convert(case)
-        result = compare(reference, candidate, case.inputs, subject.tolerance(EXACT))
-    subject.record.lsb(result.max_lsb)
-    if not result.ok:
-        subject.fail(case, f"{subject.target} vs qref.convert_fx on {case.spec.family}, both lowered on "
-                           f"{case.setup.engine}:\n{result.message()}", comparison=result)
+    _fx_matches_reference(subject, case)
