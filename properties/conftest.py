@@ -24,6 +24,7 @@ from ._support import PROFILES
 # own cap is 300 s per failing test.  QREF_SHRINK_SECONDS (default 20) caps it: the failure is
 # reported as far as it shrank by then (the verdict is the same; only the case may be larger).
 SHRINK_SECONDS = float(os.environ.get("QREF_SHRINK_SECONDS", "20"))
+assert hasattr(_engine, "MAX_SHRINKING_SECONDS"), "Hypothesis moved its shrink deadline: see tests/test_plugin.py"
 _engine.MAX_SHRINKING_SECONDS = SHRINK_SECONDS
 
 # QREF_SHRINK=0 drops the shrink phase: a failure is reported with the example as found. For

@@ -457,7 +457,7 @@ class _FloatBound(torch.fx.Interpreter):
       QAT graph computes (w * gamma/sigma) within 1 step only where it lies within ``_NEAR_TIE``
       steps of a rounding tie (a fold computes it in another float32 order);
     * conv / linear / add / mul / batch norm / matmul carry it as |linear map| of the bounds,
-      relu / hardtanh / sigmoid / tanh / hardsigmoid by their Lipschitz constants, softmax by twice
+      relu / hardtanh / sigmoid / tanh / hardsigmoid by their Lipschitz constants, softmax by half
       the largest bound along its dim, moves and pools by themselves; any other op on the path
       (layer_norm, gelu, silu, ...) raises ``_NoBound`` (named, not guessed);
     * ``magnitude``: the same maps on absolute values (plus |biases|), for float32 rounding.
@@ -573,9 +573,10 @@ class _FloatBound(torch.fx.Interpreter):
         if t in _MOVES:
             return t(got[0][1], *args[1:], **kwargs), t(got[0][2], *args[1:], **kwargs)
         if t in (_A.softmax.int, _A._softmax.default):
-            # d softmax_i = s_i (dx_i - sum_j s_j dx_j): |d softmax_i| <= 2 max_j |dx_j| along the dim
+            # d softmax_i = s_i (dx_i - sum_j s_j dx_j): sum_j |J_ij| = 2 s_i (1 - s_i) <= 1/2, so
+            # |d softmax_i| <= max_j |dx_j| / 2 along the dim (at every point of the segment)
             (x, rx, mx), dim = got[0], args[1]
-            spread = lambda r: (2 * r.amax(dim=dim, keepdim=True)).expand_as(value)  # noqa: E731
+            spread = lambda r: (0.5 * r.amax(dim=dim, keepdim=True)).expand_as(value)  # noqa: E731
             return spread(rx), spread(mx) + value.abs()
         if t is _A.cat.default:
             parts = [self._get(a) for a in args[0]]

@@ -872,39 +872,6 @@ def test_a_flaky_failure_reports_the_failure_hypothesis_could_not_reproduce(pyte
     assert "first divergence: conv0 (3 LSB)" in test["message"] and "_WrappedBaseException" not in test["message"]
 
 
-EXPECTED_TO_FAIL = '''
-import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-@pytest.mark.qref_family("equivalence")
-@pytest.mark.qref_tier("ops")
-@pytest.mark.qref_flow("pt2e")
-@settings(max_examples=50, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.integers(0, 10**6))
-def test_known_defect(qref_converter, n):
-    assert n < 10, "a known upstream defect"
-'''
-
-
-@pytest.mark.parametrize("expected", [True, False])
-def test_an_expected_failure_is_not_shrunk(pytester, expected):
-    """With an expectations entry the property stops at its first failing example (its verdict is
-    that example's message); without one, Hypothesis shrinks the failure as usual."""
-    pytester.makepyfile(fakeconv=FAKECONV, test_props=EXPECTED_TO_FAIL)
-    args = ["--qref-converter", "fakeconv:good", "--qref-report", "report.json", "-p", "no:cacheprovider"]
-    if expected:
-        pytester.makefile(".toml", expectations='[[expect]]\ntest = "known_defect"\nreason = "an upstream defect, '
-                                                 'pinned elsewhere"\nfailure = "a known upstream defect"\n')
-        args += ["--qref-expectations", "expectations.toml"]
-    pytester.runpytest(*args)
-    (test,) = _report(pytester)["tests"]
-    assert test["status"] == ("xfailed" if expected else "failed")
-    if expected:
-        assert test["drawn"] <= 3  # examples up to the first failure and its final replay: no shrinking
-    else:
-        assert test["drawn"] > 5  # the failure is shrunk towards n == 10
-
-
 def test_the_suite_caps_shrinking_time_through_hypothesis_engine():
     """properties/conftest.py sets Hypothesis' shrink deadline (a module constant the engine reads
     when shrinking starts); a Hypothesis release that drops it must fail here, not slow the suite."""

@@ -22,13 +22,10 @@ def pytest_runtest_call(item: pytest.Item):
     given = getattr(item.obj, "hypothesis", None)
     if given is not None:  # Hypothesis reads inner_test at each call: wrap the body it runs
         body, given.inner_test = given.inner_test, tally.counting(given.inner_test)
-        settings = _without_shrinking_if_expected_to_fail(item)
         try:
             yield
         finally:
             given.inner_test = body
-            if settings is not None:
-                item.obj._hypothesis_internal_use_settings = settings
     else:  # a plain test is one example
         original = item.obj
         item.obj = tally.counting(original)
@@ -36,22 +33,6 @@ def pytest_runtest_call(item: pytest.Item):
             yield
         finally:
             item.obj = original
-
-
-def _without_shrinking_if_expected_to_fail(item: pytest.Item):
-    """An expected failure (an expectations entry) runs without Hypothesis' shrink phase: its
-    verdict is whether the first failure carries the entry's message, and shrinking a known
-    upstream defect took minutes per property.  Returns the settings to restore (or None)."""
-    from .expected import EXPECTED_FAILURE
-
-    original = getattr(item.obj, "_hypothesis_internal_use_settings", None)
-    if item.stash.get(EXPECTED_FAILURE, None) is None or original is None:
-        return None
-    from hypothesis import Phase, settings
-
-    item.obj._hypothesis_internal_use_settings = settings(
-        original, phases=[p for p in original.phases if p is not Phase.shrink])
-    return original
 
 
 class QrefRecord:
