@@ -6,7 +6,8 @@ thread), on its own output qparams (a lowered op may keep its input's grid only 
 reference graph shows an op without weights).  A layer that leaves the contract is excused only
 by a known deviation that explains *that* layer (qref.engines.DEVIATIONS: int16 pair saturation
 from its own quantized input range (pytorch#44939), fbgemm's depthwise conv, onednn's
-ConvTranspose with unequal channels, qnnpack with a degenerate scale), within the deviation's
+ConvTranspose with unequal channels and its conv whose window along a dimension is all padding,
+qnnpack with a degenerate scale or an int32 bias step coarser than its output's), within the deviation's
 cap and on the CPUs and torch versions where it was seen; the model's other layers, or its
 merely containing a layer type, excuse nothing.
 Engines must agree with the reference and with each other where their contracts overlap: each
@@ -64,7 +65,9 @@ def _layer(lowered, result, path) -> Layer:
     return Layer(dict(lowered.named_modules())[path],
                  input_high=max((i.high for i in inputs if i.high is not None), default=None),
                  input_scale=float(qparams.scale) if qparams is not None and qparams.axis is None else None,
-                 input_dtype=qparams.dtype if qparams is not None else None)
+                 input_dtype=qparams.dtype if qparams is not None else None,
+                 input_zero_point=int(qparams.zero_point) if qparams is not None and qparams.axis is None else None,
+                 input_shape=first.shape if first is not None else None)
 
 
 def _layers_behind(lowered, result, key) -> list:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["engines", "use_engine", "KERNEL_CONTRACTS", "KernelContract", "KernelDeviation", "Layer",
-           "DEVIATIONS", "known_deviation", "thread_deviation", "int16_pair_cap", "has_vnni"]
+           "DEVIATIONS", "known_deviation", "qnnpack_bias_error", "padding_only_dimension", "thread_deviation", "int16_pair_cap", "has_vnni"]
 
 
 def _runs(engine: str) -> bool:
@@ -114,6 +114,8 @@ class Layer:
     input_high: int | None = None  # the largest quantized input integer it was fed
     input_scale: float | None = None  # its input's scale
     input_dtype: torch.dtype | None = None  # its input's integer dtype (torch.uint8, ...)
+    input_zero_point: int | None = None  # its input's zero point (per-tensor inputs)
+    input_shape: tuple | None = None  # its input's shape (N, C, spatial...)
 
 
 @dataclass(frozen=True)
@@ -274,7 +276,73 @@ QNNPACK_DEGENERATE_SCALE = KernelDeviation(
     torch_versions=("2.13",),
 )
 
-DEVIATIONS = (INT16_SATURATION, FBGEMM_DEPTHWISE_INT16, ONEDNN_DECONV_CHANNELS, QNNPACK_DEGENERATE_SCALE)
+
+def padding_only_dimension(layer: Layer) -> bool:
+    """The layer is a conv (not transposed) and along some spatial dimension every tap of every
+    output position falls in the zero padding: its true output there is its bias alone."""
+    import torch.ao.nn.quantized as nnq
+
+    module, shape = layer.module, layer.input_shape
+    if not isinstance(module, (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d)) or shape is None:
+        return False
+    for size, k, stride, pad, dil in zip(shape[2:], module.kernel_size, module.stride, module.padding,
+                                         module.dilation):
+        outputs = (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+        if all(not 0 <= o * stride + t * dil - pad < size for o in range(outputs) for t in range(k)):
+            return True
+    return False
+
+
+ONEDNN_PADDING_ONLY_WINDOW = KernelDeviation(
+    "onednn padding-only window", ("onednn", "x86"),
+    cause=("onednn's VNNI quantized conv (also under the x86 engine, which hands it to onednn) is wrong "
+           "when its input zero point is non-zero and, along one spatial dimension, every kernel tap of "
+           "every output position lands in the padding (e.g. a width-1 input, padding 1, a 2-tap kernel "
+           "with dilation 2): it leaves the input zero point's correction out, seen 128-255 LSB; exact "
+           "with a zero input zero point, and with ONEDNN_MAX_CPU_ISA=AVX2; fbgemm and qnnpack are exact"),
+    condition="the failing layer is such a conv and was fed an input with a non-zero zero point",
+    cap="its whole output range (255 LSB): the result is wrong, not imprecise; the geometry confines it",
+    where=("seen with onednn's AVX2-VNNI and AVX512-VNNI kernels (not with ONEDNN_MAX_CPU_ISA=AVX2), "
+           "torch 2.13 (pinned in tests/test_fx_kernels.py)"),
+    applies=lambda layer: bool(layer.input_zero_point) and padding_only_dimension(layer),
+    max_lsb=_output_range,
+    seen_here=lambda engine: has_vnni(),
+    torch_versions=("2.13",),
+)
+
+
+def qnnpack_bias_error(layer: Layer) -> float:
+    """How far qnnpack's int32 bias moves this layer's output, in its output LSB: qnnpack adds
+    ``round(bias / (input_scale * weight_scale))`` where the reference adds the float bias, so
+    each channel is off by its bias' rounding error times ``input_scale * weight_scale /
+    output_scale`` (0 for a layer without bias or input scale)."""
+    module = layer.module
+    bias = module.bias() if _weighted(module) else None
+    if bias is None or layer.input_scale is None:
+        return 0.0
+    bias = bias.detach().double()
+    scales = _weight_scales(module)
+    step = layer.input_scale * (scales if scales.numel() == bias.numel() else scales.max())
+    return float(((torch.round(bias / step) - bias / step).abs() * step / module.scale).max())
+
+
+QNNPACK_BIAS_STEP = KernelDeviation(
+    "qnnpack int32 bias step", ("qnnpack",),
+    cause=("qnnpack adds the bias in int32 at the accumulator's scale input_scale * weight_scale (fbgemm, "
+           "x86 and onednn add it in float); where that step is coarser than the output's (a wide input "
+           "range, as after calibrating on an outlier) its rounding moves the output by whole LSB: seen "
+           "3 LSB on a Linear with input scale 15 and output scale 0.012"),
+    condition="rounding the failing layer's own bias to that step moves some output channel by more than 0.5 LSB",
+    cap="the contract's 1 LSB plus that rounding error rounded up (qnnpack_bias_error)",
+    where="seen on an x86-64 CPU (qnnpack's SSE2 kernels), torch 2.13 (pinned in tests/test_fx_kernels.py)",
+    applies=lambda layer: qnnpack_bias_error(layer) > 0.5,
+    max_lsb=lambda layer: KERNEL_CONTRACTS["qnnpack"].max_lsb + math.ceil(qnnpack_bias_error(layer)),
+    seen_here=lambda engine: "sse2" in _cpu_flags(),
+    torch_versions=("2.13",),
+)
+
+DEVIATIONS = (INT16_SATURATION, FBGEMM_DEPTHWISE_INT16, ONEDNN_DECONV_CHANNELS, ONEDNN_PADDING_ONLY_WINDOW,
+              QNNPACK_DEGENERATE_SCALE, QNNPACK_BIAS_STEP)
 
 
 KERNEL_CONTRACTS = {

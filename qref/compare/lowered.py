@@ -98,6 +98,16 @@ class ModuleInput:
     qparams: QParams | None
     low: int | None
     high: int | None
+    shape: tuple | None = None  # the first batch's shape (the batches differ only in their batch size)
+
+    @classmethod
+    def of(cls, point) -> "ModuleInput":
+        """The input a reference point (``None``: an unrecorded one) fed its module."""
+        values = [v for v in point.values if v.numel()] if point is not None else []
+        return cls(qparams=point.qparams if point is not None else None,
+                   low=min((int(v.min()) for v in values), default=None),
+                   high=max((int(v.max()) for v in values), default=None),
+                   shape=tuple(values[0].shape) if values else None)
 
 
 def _module_inputs(reference_fx: fx.GraphModule, ref: _Recorder, module_key: dict) -> dict:
@@ -108,13 +118,7 @@ def _module_inputs(reference_fx: fx.GraphModule, ref: _Recorder, module_key: dic
         found[path] = []
         for dq in (a for a in node.all_input_nodes if is_dequantize(a)):
             source = dq.args[0] if dq.args and isinstance(dq.args[0], fx.Node) else None
-            point = ref.points.get(ref.key_of.get(source))
-            values = [v for v in point.values if v.numel()] if point is not None else []
-            found[path].append(ModuleInput(
-                qparams=point.qparams if point is not None else None,
-                low=min((int(v.min()) for v in values), default=None),
-                high=max((int(v.max()) for v in values), default=None),
-            ))
+            found[path].append(ModuleInput.of(ref.points.get(ref.key_of.get(source))))
         found[path] = tuple(found[path])
     return found
 
@@ -152,9 +156,7 @@ def _lowered_inputs(lowered: fx.GraphModule, ref: _Recorder, module_key: dict) -
                 a.args[0].name if is_quantize(a) and isinstance(a.args[0], fx.Node) else None)
             point = ref.points.get(key)
             if point is not None:
-                values = [v for v in point.values if v.numel()]
-                fed.append(ModuleInput(qparams=point.qparams, low=min((int(v.min()) for v in values), default=None),
-                                       high=max((int(v.max()) for v in values), default=None)))
+                fed.append(ModuleInput.of(point))
         found[node.target] = tuple(fed)
     return found
 
