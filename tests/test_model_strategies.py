@@ -406,3 +406,27 @@ def test_reproducer_script_rebuilds_model_and_inputs(tmp_path):
 def test_model_strategies_module_exports():
     for name in models_module.__all__:
         assert hasattr(models_module, name)
+
+
+def test_pt2e_cases_draw_a_grouped_conv_transpose_with_per_channel_weights():
+    """Its weight scales are out / groups (tests/test_prepare_preconditions.py): qref's quantizer
+    derives the bias per output channel, so the suite converts and checks it like any conv."""
+    from qref.strategies.cases import cases
+
+    def grouped_transpose(case) -> bool:
+        return case.setup.per_channel and any(
+            isinstance(layer, Conv) and layer.transpose and layer.groups > 1 for layer in case.spec.all_layers())
+
+    case = find(cases("pt2e", tier="ops", qat=False), grouped_transpose,
+                settings=settings(max_examples=300, database=None, derandomize=True,
+                                  suppress_health_check=list(HealthCheck)))
+    import copy
+
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    import qref
+
+    expected = convert_pt2e(copy.deepcopy(case.prepared()))
+    candidate = qref.convert_pt2e(copy.deepcopy(case.prepared()))
+    for args in case.inputs:
+        assert torch.equal(candidate(*args), expected(*args))

@@ -105,9 +105,6 @@ class QuantSetup:
         if any(conv.transpose and conv.groups > 1 for conv, _ in spec.conv_bn_pairs()):
             return False  # torch/torchao cannot fold grouped ConvTranspose + BN (prepare raises)
         if self.flow == "pt2e":
-            if self.per_channel and any(type(layer).__name__ == "Conv" and layer.transpose and layer.groups > 1
-                                        for layer in spec.all_layers()):
-                return False  # per-channel observers size a grouped ConvTranspose's scales wrongly
             if self.kind in ("x86", "arm"):  # the Inductor quantizers annotate conv2d and linear (not matmul)
                 return bool(ops & {"conv2d", "linear"})
             return bool(ops & {"conv1d", "conv2d", "conv_transpose", "linear"})
