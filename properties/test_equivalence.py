@@ -188,6 +188,13 @@ def test_sequence_pattern_matches_reference(subject, case, fold_quantize):
     _pt2e_matches_reference(subject, case, fold_quantize)
 
 
+@prop("pt2e", "patterns", kinds=("shared",), fold_quantize=st.booleans())
+def test_shared_weights_match_reference(subject, case, fold_quantize):
+    """A module called twice (one weight read by two ops, with BatchNorms between and after:
+    real-converter-bugs #5, #6) on its own budget: every use of the weight is quantized alike."""
+    _pt2e_matches_reference(subject, case, fold_quantize)
+
+
 @prop("pt2e", "patterns", qat=True, model=conv_bn_specs(qat=True), fold_quantize=st.booleans())
 def test_qat_conv_bn_matches_reference(subject, case, fold_quantize):
     """Always a QAT conv-bn: the fold conversion does (bias, eps, running statistics, groups and

@@ -242,6 +242,26 @@ def check_qat_fold_bug(w: Pt2eWitness):
     assert w.same_elsewhere(w.model_name, "qref_int8_sym")  # PTQ: no QAT fold, no bug
 
 
+def check_shared_weight_quantized_once(w: Pt2eWitness):
+    assert not w.outputs_differ()  # every weight of the zoo model has one user: nothing to see
+    from tests.test_shared_weights import _case  # a conv1d module called twice
+
+    case = _case(qat=False)
+    ours, theirs = qref.convert_pt2e(case.prepared()), w.mutant.load()(case.prepared())
+    assert not _same(_run(ours, case.inputs), _run(theirs, case.inputs))
+
+
+def check_bn_beta_dropped(w: Pt2eWitness):
+    assert w.outputs_differ()
+    zero_beta = w.prepared()  # the same QAT model with every BatchNorm's beta at zero
+    for node in zero_beta.graph.nodes:
+        if node.op == "call_function" and "batch_norm" in str(node.target) and node.args[2] is not None:
+            attr(zero_beta, node.args[2]).data.zero_()
+    batches = [inputs(w.model_name, s) for s in range(3)]
+    ours, theirs = qref.convert_pt2e(copy.deepcopy(zero_beta)), w.mutant.load()(copy.deepcopy(zero_beta))
+    assert _same(_run(ours, batches), _run(theirs, batches))
+
+
 def check_folded_weights_written_back(w: Pt2eWitness):
     def mutated_by(convert) -> list[str]:
         model = w.prepared()
@@ -437,6 +457,8 @@ PLANTED = {
     "grouped_conv_scales_misindexed": check_grouped_conv_scales_misindexed,
     "bias_scale_input_only": check_bias_scale_input_only,
     "bn_running_mean_ignored": check_qat_fold_bug,
+    "bn_beta_dropped": check_bn_beta_dropped,
+    "shared_weight_quantized_once": check_shared_weight_quantized_once,
     "conv_bias_added_twice": check_qat_fold_bug,
     "folded_weights_written_back": check_folded_weights_written_back,
     "consumes_and_writes_back": check_consumes_and_writes_back,

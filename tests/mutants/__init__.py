@@ -110,6 +110,14 @@ _ALL = [
     _pt2e("bn_running_mean_ignored", "bn-running-mean",
           "QAT conv-bn fold ignores the BN running mean (folds as if it were 0)",
           ("conv_bn_relu", "qref_int8_sym_qat", True), FOLDING),
+    _pt2e("shared_weight_quantized_once", "shared-weight",
+          "a weight used by two ops (a module called twice) is quantized for its first user only; "
+          "the second reads it float (shows only on shared weights; the zoo has none: its witness "
+          "check builds one)",
+          ("conv_bn_relu", "qref_int8_sym", False)),
+    _pt2e("bn_beta_dropped", "bn-beta",
+          "QAT conv-bn fold leaves out the BN's beta (shows only where beta is non-zero)",
+          ("conv_bn_relu", "qref_int8_sym_qat", True), FOLDING),
     _pt2e("conv_bias_added_twice", "bn-conv-bias-twice",
           "QAT conv-bn fold adds the conv bias twice (pytorch#48514)",
           ("conv_bn_relu", "qref_int8_sym_qat", True), FOLDING),

@@ -281,6 +281,30 @@ def bn_running_mean_ignored(model, use_reference_representation=False, fold_quan
     return _with_fold(change, model, use_reference_representation, fold_quantize)
 
 
+def shared_weight_quantized_once(model, use_reference_representation=False, fold_quantize=True):
+    """A weight used by two ops is quantized for its first user only; the second reads it float."""
+    from ._graph import is_constant
+
+    def edit(gm):
+        for q in [n for n in gm.graph.nodes if is_call(n, QUANTIZE) and is_constant(n.args[0])
+                  and n.args[-2] != 2**31 - 1]:  # constant weights, not int32 biases
+            users = [user for dq in dequantizes_of(q) for user in dq.users]
+            for later in users[1:]:
+                for dq in dequantizes_of(q):
+                    later.replace_input_with(dq, q.args[0])
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+def bn_beta_dropped(model, use_reference_representation=False, fold_quantize=True):
+    """The QAT conv-bn fold leaves out the BN's beta (right only where beta is zero)."""
+
+    def change(w, b, rm, rv, eps, gamma, beta):
+        return w, b, rm, rv, eps, gamma, None if beta is None else torch.zeros_like(beta)
+
+    return _with_fold(change, model, use_reference_representation, fold_quantize)
+
+
 def conv_bias_added_twice(model, use_reference_representation=False, fold_quantize=True):
     """The QAT conv-bn fold adds the conv bias twice (pytorch#48514, fixed by PR #48661)."""
 
