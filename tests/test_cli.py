@@ -204,10 +204,10 @@ def test_every_option_reaches_pytest_as_the_plugin_declares_it():
     suite = cli.suite_dir()
     argv = ["check", "qref-pt2e", "--seed", "0", "--profile", "default", "--report", "r.json", "--html", "r.html",
             "--artifacts", "a", "--expected-as-skip", "--timeout", "5", "--engine", "x86",
-            "--coverage-at-least", "conv2d", "linear"]
+            "--coverage-at-least", "conv2d", "linear", "--backend", "inductor"]
     args = cli.pytest_args(cli._parser().parse_args(argv), "pt2e", suite, [])
     for name, value in [("seed", "0"), ("profile", "default"), ("report", "r.json"), ("html", "r.html"),
-                        ("artifacts", "a"), ("timeout", "5.0"), ("engine", "x86")]:
+                        ("artifacts", "a"), ("timeout", "5.0"), ("engine", "x86"), ("backend", "inductor")]:
         assert args[args.index(f"--qref-{name}") + 1] == value, name
     assert "--qref-expected-as-skip" in args and "qref.plugin.console" in args
     at_least = args.index("--qref-coverage-at-least")

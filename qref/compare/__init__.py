@@ -60,6 +60,7 @@ from .comparison import Comparison
 from .graphs import compare
 from .judge import qparams_difference
 from .lowered import ModuleInput, compare_lowered
+from .outputs import compare_outputs
 from .record import output_quantization, quantize_points
 from .results import PointResult, Worst
 from .tolerance import EXACT, Tolerance
@@ -75,6 +76,7 @@ __all__ = [
     "output_quantization",
     "compare",
     "compare_lowered",
+    "compare_outputs",
     "ModuleInput",
     "qparams_difference",
 ]

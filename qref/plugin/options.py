@@ -53,6 +53,9 @@ OPTIONS = (
            f"also ${PROFILE_ENV}; --hypothesis-profile wins", choices=PROFILES),
     Option("engine", "quantized engine(s) to exercise (default: every engine that runs here)", metavar="NAME",
            repeat=True),
+    Option("backend", "pt2e: lower each converted model with this backend and compare its outputs "
+           "(inductor, module:attr, or an entry point of qref.backends; see qref.backends)", metavar="NAME",
+           repeat=True),
     Option("report", "write the conformance report as JSON", metavar="FILE.json"),
     Option("html", "write the conformance report as one self-contained HTML page (failures with their model "
            "code, first divergence and a plot of the error at each quantize point)", metavar="FILE.html"),

@@ -116,6 +116,17 @@ def _configure(config: pytest.Config, state: State) -> None:
     else:
         state.flow = opt.qref_flow
 
+    for name in opt.qref_backend or ():  # a typo in --backend costs a second, not a suite
+        from qref.backends import BackendError
+        from qref.backends import resolve as resolve_backend
+
+        if state.flow == "fx":
+            raise Usage(f"--backend {name}: backends lower pt2e models; the fx flow runs on its engines (--engine)")
+        try:
+            resolve_backend(name)
+        except BackendError as exc:
+            raise Usage(str(exc)) from None
+
     available = engines_here()
     if opt.qref_engine:
         wrong = [e for e in opt.qref_engine if e not in available]

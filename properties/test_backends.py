@@ -1,0 +1,77 @@
+"""Property family 4 (kernels), pt2e: a converted model lowered by a real backend.
+
+``qref check CONVERTER --backend NAME`` (``inductor``, ``module:attr`` or an entry point of
+``qref.backends``, see ``qref.backends``): the converter's q/dq graph is lowered by the backend
+and run; each output must stay within the backend's contract of qref's reference conversion of
+the same prepared model, in LSB of that output's scale.  A lowered program shows only its
+outputs, so a layer's error is seen through the layers after it (the contract allows for each
+requantization on the way).  Without ``--backend`` the family is reported "not run".
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import strategies as st
+
+from qref.compare import compare_outputs
+
+from ._support import prop, subject  # noqa: F401 (subject: fixture)
+
+pytestmark = [pytest.mark.qref_family("kernels"), pytest.mark.qref_flow("pt2e")]
+
+NO_BACKEND = "not run: choose a backend with --backend inductor (or module:attr, see qref.backends)"
+
+
+def pytest_generate_tests(metafunc):  # noqa: D103 - the backends this run lowers with (--qref-backend)
+    if "backend" in metafunc.fixturenames:
+        chosen = metafunc.config.getoption("qref_backend", None) or [None]
+        metafunc.parametrize("backend", chosen, ids=[b or "none" for b in chosen])
+
+
+def _backend(name):
+    from qref.backends import BackendError, resolve
+
+    if name is None:
+        pytest.skip(NO_BACKEND)
+    try:
+        backend = resolve(name)
+    except BackendError as error:
+        pytest.fail(str(error), pytrace=False)
+    missing = backend.missing()
+    if missing:
+        pytest.skip(missing)
+    return backend
+
+
+def _innermost(error: BaseException) -> str:
+    """The exception a compiler wrapped, with where it was raised (its own message may be empty)."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    while getattr(error, "inner_exception", None) is not None or error.__cause__ is not None:
+        error = getattr(error, "inner_exception", None) or error.__cause__  # dynamo wraps what it caught
+    where = f" at {frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno}" if frames else ""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}{': ' + text[0][:300] if text else ''}{where}"
+
+
+@prop("pt2e", "patterns", data=st.data())  # the case is drawn for the backend's scheme
+def test_lowered_within_backend_contract(subject, backend, data):
+    lowering = _backend(backend)
+    subject.drew(backend=backend)  # data: only the case (a replay passes it)
+    where = (lambda case: lowering.accepts(case.setup)) if lowering.accepts else None
+    case = data.draw(subject.cases(where=where), label="case")
+    if lowering.scope:
+        subject.record.note(f"{lowering.name}: {lowering.scope}")
+    reference = subject.reference(case)
+    converted = subject.convert(case)
+    try:
+        run = lowering.lower(converted, case.inputs[0])
+    except Exception as error:  # noqa: BLE001 - the converter's graph and the backend, together
+        subject.fail(case, f"{lowering.name} cannot lower the converted model: {_innermost(error)}")
+    result = compare_outputs(reference, run, case.inputs, subject.tolerance(lowering.contract),
+                             float_relative=lowering.float_relative)
+    subject.record.lsb(result.max_lsb)
+    if not result.ok:
+        subject.fail(case, f"lowered by {lowering.name}, an output leaves the backend's contract:\n"
+                     f"{result.message()}", comparison=result)

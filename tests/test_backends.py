@@ -1,0 +1,116 @@
+"""The pt2e backends (qref.backends, properties/test_backends.py): resolution, the named limits
+of inductor, and the suite end to end: a correct converter lowered by inductor passes, and a
+broken lowering (tests/mutants/backends.py) fails the backend property."""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+
+import qref
+from qref.backends import Backend, BackendError, resolve
+from qref.backends.inductor import SCOPE
+from qref.compare import EXACT
+from qref.strategies.setups import QuantSetup
+from tests.mutants.backends import BACKEND_MUTANTS
+from tests.test_suite_proof import _failed, check
+
+
+class ConvBesideItsInput(torch.nn.Module):
+    def __init__(self, cat: bool):
+        super().__init__()
+        self.conv, self.cat = torch.nn.Conv1d(6, 4, 3, padding=1), cat
+
+    def forward(self, x):
+        return torch.cat([x, self.conv(x)], 1) if self.cat else self.conv(x)
+
+
+def _qref_converted(model, x, **config):
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from qref.quantizers import QrefQuantizer, QrefQuantizerConfig
+
+    prepared = prepare_pt2e(torch.export.export(model.eval(), (x,)).module(),
+                            QrefQuantizer(QrefQuantizerConfig(**config)))
+    prepared(x)
+    return qref.convert_pt2e(prepared)
+
+
+def _uint8():
+    from torchao.quantization.pt2e import HistogramObserver
+
+    return dict(act_dtype=torch.uint8, act_qmin=0, act_qmax=255, act_qscheme=torch.per_tensor_affine,
+                act_ctr=HistogramObserver)
+
+
+UNLOWERABLE = {  # QrefQuantizer graphs torchao 0.18's x86 inductor passes fail on (inductor.SCOPE)
+    "int16 activations": (lambda: torch.nn.Linear(8, 5), (2, 8),
+                          dict(act_dtype=torch.int16, act_qmin=-32768, act_qmax=32767), "inductor_passes/x86.py"),
+    "int8 activations into a conv1d": (lambda: ConvBesideItsInput(cat=False), (2, 6, 5), {},
+                                       "Input tensor should have uint8"),
+    "uint8 conv1d with padding beside a cat": (lambda: ConvBesideItsInput(cat=True), (2, 6, 1), "uint8",
+                                               "Sizes of tensors must match"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNLOWERABLE))
+def test_inductor_fails_on_schemes_outside_its_scope_as_its_scope_says(name):
+    """Each named in qref.backends.inductor.SCOPE; the day one lowers, this fails and the scope
+    can widen."""
+    build, shape, config, seen = UNLOWERABLE[name]
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    converted = _qref_converted(build(), x, **(_uint8() if config == "uint8" else config))
+    with pytest.raises(Exception) as raised:
+        resolve("inductor").lower(converted, (x,))
+    frames = traceback.extract_tb(raised.value.__traceback__)
+    assert seen in str(raised.value) or seen in frames[-1].filename, raised.value
+    assert name.split()[0] in SCOPE
+
+
+def test_backends_resolve_or_say_why_not():
+    assert resolve("inductor").name == "inductor"
+    assert resolve("tests.mutants.backends:wrong_multiplier") is BACKEND_MUTANTS["wrong_multiplier"]
+    with pytest.raises(BackendError, match="not a built-in"):
+        resolve("no-such-backend")
+    with pytest.raises(BackendError, match="is not a qref.backends.Backend"):
+        resolve("qref.backends:ENTRY_POINT_GROUP")
+    absent = Backend("xnnpack", lambda *a: None, EXACT, requires=("no_such_module_here",), install="qref[executorch]")
+    assert absent.missing() == "not run: install qref[executorch]" and resolve("inductor").missing() is None
+    with pytest.raises(ValueError, match="needs a cause"):
+        Backend("loose", lambda *a: None, EXACT, float_relative=1e-3)
+
+
+def test_inductor_takes_x86_inductor_quantizer_setups():
+    inductor = resolve("inductor")
+    assert inductor.accepts(QuantSetup("pt2e", kind="x86"))
+    assert not inductor.accepts(QuantSetup("pt2e", kind="qref"))
+
+
+def _row(report: dict, name: str) -> dict:
+    (row,) = [t for t in report["tests"] if t["nodeid"].split("::")[-1].startswith(name)]
+    return row
+
+
+def test_without_a_backend_the_family_is_reported_not_run(tmp_path):
+    status, report, output = check("qref-pt2e", "pt2e", tmp_path, "-k", "backend_contract")
+    assert status == 0, output
+    assert "not run: choose a backend" in _row(report, "test_lowered_within_backend_contract")["reason"], output
+
+
+def test_a_correct_converter_lowered_by_inductor_passes(tmp_path):
+    status, report, output = check("torchao-pt2e", "pt2e", tmp_path, "-k", "backend_contract",
+                                   options=("--backend", "inductor"))
+    assert status == 0, f"{_failed(report)}\n{output}"
+    row = _row(report, "test_lowered_within_backend_contract[inductor]")
+    assert row["status"] == "passed" and row["compared"] > 0, row
+
+
+@pytest.mark.parametrize("name", sorted(BACKEND_MUTANTS))
+def test_a_broken_lowering_fails_the_backend_property(name, tmp_path):
+    status, report, output = check("torchao-pt2e", "pt2e", tmp_path, "-x", "-k", "backend_contract",
+                                   options=("--backend", f"tests.mutants.backends:{name}"), shrink=False)
+    assert status == 1, output
+    assert _failed(report) == [f"properties/test_backends.py::test_lowered_within_backend_contract[tests.mutants.backends:{name}]"], output
