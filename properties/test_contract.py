@@ -409,6 +409,68 @@ def test_fx_convert_custom_config_honoured(subject, case, preserved):
                            "meta['_user_preserved_attributes'], which GraphModule's deepcopy restores)")
 
 
+def _prepared_with_custom_module(case, index: int):
+    """The case's float model with its ``index``-th (modulo) called module wrapped in a custom
+    module, prepared and calibrated like the case (None: nothing to wrap, or prepare refuses it)."""
+    import warnings
+
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    from qref.strategies import fx_custom
+
+    model = case.float_model()
+    paths = fx_custom.leaf_modules(model)
+    if not paths:
+        return None, None
+    path = paths[index % len(paths)]
+    prepare_config, _ = fx_custom.custom_configs()
+    fx_custom.with_custom_module(model, path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare_fx(model, case.setup.qconfig_mapping(), case.example_inputs,
+                                  prepare_custom_config=prepare_config, backend_config=case.setup.backend_config())
+            with torch.no_grad():
+                for batch in case.calibration:
+                    prepared(*batch)
+    except Exception:  # noqa: BLE001 - preparation is not under test
+        return None, path
+    return prepared, path
+
+
+@prop("fx", "ops", qat=False, specs="patterns", index=st.integers(0, 15))
+def test_fx_custom_module_converted(subject, case, index):
+    """``convert_custom_config.set_observed_to_quantized_mapping``: the observed custom module
+    (one module of the case's model, drawn, wrapped in a custom class at prepare) becomes the
+    user's quantized class, fed the quantized tensor, and the rest converts like the reference
+    (module kinds, and integers at every point on the case's engine)."""
+    from qref.strategies import fx_custom
+
+    subject.require("convert_custom_config")
+    subject.drew(index=index)
+    prepared, path = _prepared_with_custom_module(case, index)
+    if prepared is None:
+        subject.not_compared("prepare_fx refuses a custom module there")
+        return
+    _, config = fx_custom.custom_configs()
+    with qref.use_engine(case.setup.engine, threads=1):
+        converted = subject.convert(case, copy.deepcopy(prepared), convert_custom_config=copy.deepcopy(config))
+        expected = subject.reference(case, copy.deepcopy(prepared), convert_custom_config=copy.deepcopy(config))
+        result = compare(expected, converted, case.inputs, subject.tolerance(EXACT))
+    subject.compared()
+    said = f"custom module at {path!r}"
+    got = type(converted.get_submodule(path)) if path in dict(converted.named_modules()) else None
+    if got is not fx_custom.CustomQuantized:
+        subject.fail(case, f"{said}: the converter made it {got}, not the mapped quantized class CustomQuantized")
+    kinds, want = _module_kinds(converted), _module_kinds(expected)
+    if kinds != want:
+        diff = {k: (kinds.get(k), want.get(k)) for k in sorted(set(kinds) | set(want)) if kinds.get(k) != want.get(k)}
+        subject.fail(case, f"{said}: module kinds differ from the reference (converter, reference): {diff}")
+    if not result.ok:
+        subject.fail(case, f"{said}: {subject.target} vs qref.convert_fx on {case.setup.engine}:\n{result.message()}",
+                     comparison=result)
+
+
 def _without_linear(backend):
     from torch.ao.quantization.backend_config import BackendConfig
 
