@@ -11,12 +11,14 @@ import copy
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
 import qref
 from qref.compare import EXACT, compare
 from qref.observers import is_observer
 from qref.pt2e.ops import DEQUANTIZE, QUANTIZE, is_call, real_users
 from qref.strategies import conv_bn_specs
+from qref.strategies.setups import fx_none_entries, fx_skip_mapping
 
 from ._support import evaluation_ready, prop, subject  # noqa: F401 (subject: fixture)
 
@@ -300,32 +302,58 @@ def _module_kinds(model) -> dict[str, str]:
     return {name: f"{type(m).__module__}.{type(m).__qualname__}" for name, m in model.named_modules() if name}
 
 
-def _quantized_module_names(prepared) -> list[str]:
-    """Weighted modules the prepared graph calls (fused ones included, e.g. ConvReLU2d)."""
-    def weighted(m):
-        return hasattr(m, "weight") or (isinstance(m, torch.nn.Sequential) and len(m) and hasattr(m[0], "weight"))
-
-    return [str(n.target) for n in prepared.graph.nodes
-            if n.op == "call_module" and weighted(prepared.get_submodule(str(n.target)))]
+def _is_quantized_module(module) -> bool:
+    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
 
 
-@prop("fx", "ops", specs="patterns")
-def test_fx_qconfig_none_stays_float(subject, case):
+def _matched_by(prepared, mapping) -> list[str]:
+    """The called modules a None entry of ``mapping`` names: by module name (or a parent's), by a
+    module-name regex (``re.match``, as torch resolves it) or by their exact type."""
+    import re
+
+    from qref.strategies.setups import fx_called
+
+    names, _ = fx_called(prepared)
+    by_type = mapping.object_type_qconfigs
+    matched = []
+    for name in names:
+        module = prepared.get_submodule(name)
+        float_cls = getattr(type(module), "_FLOAT_MODULE", type(module))
+        parents = [name] + [name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)]
+        if (any(mapping.module_name_qconfigs.get(p, 0) is None for p in parents)
+                or any(q is None and re.match(pattern, name) for pattern, q in mapping.module_name_regex_qconfigs.items())
+                or by_type.get(float_cls, 0) is None):
+            matched.append(name)
+    return matched
+
+
+@prop("fx", "ops", specs="patterns", entries=fx_none_entries())
+def test_fx_qconfig_none_stays_float(subject, case, entries):
+    """Convert-time None entries (module name, module-name regex, object type: drawn over the
+    prepared model's called modules and ops) keep what they match float, and the rest converts
+    like the reference: the same module kinds everywhere and, lowered on the case's engine, the
+    same integers at every point."""
     subject.require("qconfig_mapping")
-    names = _quantized_module_names(case.prepared())
-    if not names:
-        subject.not_compared("no weighted module to skip")
-        return
-    name = names[0]
-    mapping = case.setup.qconfig_mapping().set_module_name(name, None)
-    with qref.use_engine(case.setup.engine):
+    subject.drew(entries=entries)
+    mapping, calls = fx_skip_mapping(case.setup, case.prepared(), entries)
+    shown = "qconfig_mapping." + ".".join(calls)
+    matched = _matched_by(case.prepared(), mapping)
+    with qref.use_engine(case.setup.engine, threads=1):
         converted = subject.convert(case, qconfig_mapping=mapping)
         expected = subject.reference(case, qconfig_mapping=copy.deepcopy(mapping))
+        result = compare(expected, converted, case.inputs, subject.tolerance(EXACT))
     subject.compared()
-    got, want = _module_kinds(converted).get(name), _module_kinds(expected).get(name)
+    modules = dict(converted.named_modules())
+    quantized = [name for name in matched if name in modules and _is_quantized_module(modules[name])]
+    if quantized:
+        subject.fail(case, f"{shown}: the converter quantized {quantized}, which the None entries keep float")
+    got, want = _module_kinds(converted), _module_kinds(expected)
     if got != want:
-        subject.fail(case, f"qconfig_mapping sets module {name!r} to None (keep it float): the converter "
-                           f"made it {got}, the reference keeps {want}")
+        diff = {k: (got.get(k), want.get(k)) for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)}
+        subject.fail(case, f"{shown}: module kinds differ from the reference (converter, reference): {diff}")
+    if not result.ok:
+        subject.fail(case, f"{shown}: {subject.target} vs qref.convert_fx on {case.setup.engine}:\n"
+                           f"{result.message()}", comparison=result)
 
 
 @prop("fx", "ops")
@@ -345,20 +373,102 @@ def test_fx_remove_qconfig_honoured(subject, case):
                                    f"the reference has {want}")
 
 
-@prop("fx", "ops")
-def test_fx_convert_custom_config_honoured(subject, case):
+# attribute values a user may hang on a model (a flag, a tensor, mutable containers)
+_PRESERVABLE = {"qref_flag": lambda: 7, "qref_tensor": lambda: torch.arange(3.0),
+                "qref_labels": lambda: {"cat": 0, "dog": 1}, "qref_history": lambda: [0.5, 0.25]}
+
+
+@prop("fx", "ops", preserved=st.lists(st.sampled_from(sorted(_PRESERVABLE)), min_size=1, max_size=3, unique=True))
+def test_fx_convert_custom_config_honoured(subject, case, preserved):
+    """``convert_custom_config.set_preserved_attributes(names)``: each named attribute of the
+    prepared model is on the converted model, the very object (torch keeps it, not a copy), and
+    survives a deepcopy of the converted model, as torch records them in its meta for that."""
     from torch.ao.quantization.fx.custom_config import ConvertCustomConfig
 
     subject.require("convert_custom_config")
+    subject.drew(preserved=preserved)
     model = case.prepared()
-    model.qref_preserved = 7
-    config = ConvertCustomConfig().set_preserved_attributes(["qref_preserved"])
+    values = {name: _PRESERVABLE[name]() for name in preserved}
+    for name, value in values.items():
+        setattr(model, name, value)
+    config = ConvertCustomConfig().set_preserved_attributes(list(preserved))
     with qref.use_engine(case.setup.engine):
         converted = subject.convert(case, model, convert_custom_config=config)
     subject.compared()
-    if getattr(converted, "qref_preserved", None) != 7:
-        subject.fail(case, "convert_custom_config.set_preserved_attributes(['qref_preserved']) was not "
-                           "honoured: the attribute is missing from the converted model")
+    said = f"convert_custom_config.set_preserved_attributes({list(preserved)}) was not honoured"
+    missing = [name for name in preserved if not hasattr(converted, name)]
+    if missing:
+        subject.fail(case, f"{said}: {missing} missing from the converted model")
+    copied = [name for name in preserved if getattr(converted, name) is not values[name]]
+    if copied:
+        subject.fail(case, f"{said}: {copied} are other objects than the prepared model's (copied or rebuilt)")
+    again = copy.deepcopy(converted)
+    lost = [name for name in preserved if not hasattr(again, name)]
+    if lost:
+        subject.fail(case, f"{said}: a deepcopy of the converted model loses {lost} (not recorded in its "
+                           "meta['_user_preserved_attributes'], which GraphModule's deepcopy restores)")
+
+
+def _prepared_with_custom_module(case, index: int):
+    """The case's float model with its ``index``-th (modulo) called module wrapped in a custom
+    module, prepared and calibrated like the case (None: nothing to wrap, or prepare refuses it)."""
+    import warnings
+
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    from qref.strategies import fx_custom
+
+    model = case.float_model()
+    paths = fx_custom.leaf_modules(model)
+    if not paths:
+        return None, None
+    path = paths[index % len(paths)]
+    prepare_config, _ = fx_custom.custom_configs()
+    fx_custom.with_custom_module(model, path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare_fx(model, case.setup.qconfig_mapping(), case.example_inputs,
+                                  prepare_custom_config=prepare_config, backend_config=case.setup.backend_config())
+            with torch.no_grad():
+                for batch in case.calibration:
+                    prepared(*batch)
+    except Exception:  # noqa: BLE001 - preparation is not under test
+        return None, path
+    return prepared, path
+
+
+@prop("fx", "ops", qat=False, specs="patterns", index=st.integers(0, 15))
+def test_fx_custom_module_converted(subject, case, index):
+    """``convert_custom_config.set_observed_to_quantized_mapping``: the observed custom module
+    (one module of the case's model, drawn, wrapped in a custom class at prepare) becomes the
+    user's quantized class, fed the quantized tensor, and the rest converts like the reference
+    (module kinds, and integers at every point on the case's engine)."""
+    from qref.strategies import fx_custom
+
+    subject.require("convert_custom_config")
+    subject.drew(index=index)
+    prepared, path = _prepared_with_custom_module(case, index)
+    if prepared is None:
+        subject.not_compared("prepare_fx refuses a custom module there")
+        return
+    _, config = fx_custom.custom_configs()
+    with qref.use_engine(case.setup.engine, threads=1):
+        converted = subject.convert(case, copy.deepcopy(prepared), convert_custom_config=copy.deepcopy(config))
+        expected = subject.reference(case, copy.deepcopy(prepared), convert_custom_config=copy.deepcopy(config))
+        result = compare(expected, converted, case.inputs, subject.tolerance(EXACT))
+    subject.compared()
+    said = f"custom module at {path!r}"
+    got = type(converted.get_submodule(path)) if path in dict(converted.named_modules()) else None
+    if got is not fx_custom.CustomQuantized:
+        subject.fail(case, f"{said}: the converter made it {got}, not the mapped quantized class CustomQuantized")
+    kinds, want = _module_kinds(converted), _module_kinds(expected)
+    if kinds != want:
+        diff = {k: (kinds.get(k), want.get(k)) for k in sorted(set(kinds) | set(want)) if kinds.get(k) != want.get(k)}
+        subject.fail(case, f"{said}: module kinds differ from the reference (converter, reference): {diff}")
+    if not result.ok:
+        subject.fail(case, f"{said}: {subject.target} vs qref.convert_fx on {case.setup.engine}:\n{result.message()}",
+                     comparison=result)
 
 
 def _without_linear(backend):

@@ -273,3 +273,102 @@ def test_fx_qat_conv_bn_matches_reference(subject, case):
 @prop("fx", "models")
 def test_fx_model_matches_reference(subject, case):
     _fx_matches_reference(subject, case)
+
+
+# --- fx: dynamic Linear (int8 per-call activations, float16 weights) --------------------------
+
+# the tier's pattern kinds that draw a Linear (the dynamic setups quantize nn.Linear only)
+_LINEAR_KINDS = ("linear_act", "flatten_linear", "linear_seq")
+
+
+def _with_dynamic_setup(static_cases, kinds):
+    """The case again under a dynamic setup of ``kinds`` (its model, calibration and inputs; the
+    engine drawn again, as float16 is lowered on two engines only), prepared again; a spec
+    prepare_fx refuses under it is drawn again, as ``cases`` does."""
+    from qref.strategies.setups import fx_dynamic_setups
+
+    @st.composite
+    def swap(draw):
+        case = draw(static_cases, label="static case")
+        try:
+            setup = draw(fx_dynamic_setups(kinds, model=case.spec), label="dynamic setup")
+        except ValueError:  # this spec's Linear is fused with a module the dynamic mapping leaves float
+            reject()
+        dynamic = dataclasses.replace(case, setup=setup)
+        try:
+            dynamic.prepared()
+        except Exception:  # noqa: BLE001 - preparation is not under test
+            reject()
+        return dynamic
+
+    return swap()
+
+
+def _dynamic_weight_differences(reference, candidate) -> list[str]:
+    """Each dynamic quantized module of the reference whose counterpart (same path) in the
+    candidate is missing, of another class or holds other weights: int8 integers and qparams,
+    or the float16 values; and the bias."""
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    found = dict(candidate.named_modules())
+    problems = []
+    for path, ours in reference.named_modules():
+        if not isinstance(ours, nnqd.Linear):
+            continue
+        theirs = found.get(path)
+        if type(theirs) is not type(ours):
+            problems.append(f"{path}: {type(theirs).__name__} instead of {type(ours).__module__}.{type(ours).__name__}")
+            continue
+        (w, b), (w2, b2) = ours._weight_bias(), theirs._weight_bias()
+        if w.is_quantized != w2.is_quantized or w.dtype != w2.dtype:
+            problems.append(f"{path}: weight dtype {w2.dtype}, the reference's {w.dtype}")
+        elif w.is_quantized and not (torch.equal(w.int_repr(), w2.int_repr()) and _same_qparams(w, w2)):
+            problems.append(f"{path}: weight integers or qparams differ (max |int difference| "
+                            f"{(w.int_repr().int() - w2.int_repr().int()).abs().max().item()})")
+        elif not w.is_quantized and not torch.equal(w, w2):
+            problems.append(f"{path}: float16 weight values differ (max |difference| {(w - w2).abs().max().item():g})")
+        if (b is None) != (b2 is None) or (b is not None and not torch.equal(b, b2)):
+            problems.append(f"{path}: bias differs")
+    return problems
+
+
+def _same_qparams(a, b) -> bool:
+    if a.qscheme() != b.qscheme():
+        return False
+    if a.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return a.q_scale() == b.q_scale() and a.q_zero_point() == b.q_zero_point()
+    return (torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales())
+            and torch.equal(a.q_per_channel_zero_points(), b.q_per_channel_zero_points()))
+
+
+def _fx_dynamic_matches_reference(subject, case):
+    with qref.use_engine(case.setup.engine, threads=1):
+        reference = subject.reference(case)
+        candidate = subject.convert(case)
+        problems = _dynamic_weight_differences(reference, candidate)
+        result = compare(reference, candidate, case.inputs, subject.tolerance(EXACT))
+    subject.record.lsb(result.max_lsb)
+    if problems:
+        subject.fail(case, f"{subject.target}'s dynamic modules differ from qref's on {case.setup.engine}:\n  "
+                           + "\n  ".join(problems))
+    if not result.ok:
+        subject.fail(case, f"{subject.target} vs qref.convert_fx, {case.setup.kind}, both lowered on "
+                           f"{case.setup.engine}:\n{result.message()}", comparison=result)
+
+
+@prop("fx", "patterns", qat=False, kinds=_LINEAR_KINDS, data=st.data())
+def test_fx_dynamic_linear_matches_reference(subject, data):
+    """Always a Linear under ``default_dynamic_qconfig`` / ``per_channel_dynamic_qconfig``: int8
+    weights, activations the kernel quantizes per call.  The lowered dynamic modules must hold
+    the reference's weights (integers and qparams) and compute its float outputs exactly: the
+    same packed weights on the same engine give the same output, one thread (measured against
+    torch's convert_fx in tests/test_fx_dynamic.py)."""
+    _fx_dynamic_matches_reference(subject, data.draw(_with_dynamic_setup(subject.cases(), ("dynamic",)), label="case"))
+
+
+@prop("fx", "patterns", qat=False, kinds=_LINEAR_KINDS, data=st.data())
+def test_fx_float16_linear_matches_reference(subject, data):
+    """Always a Linear under ``float16_dynamic_qconfig`` (fbgemm, x86: the engines that lower
+    it): the lowered module's float16 weights must be the reference's (each weight cast to
+    nearest) and its float outputs exactly the reference's (measured as for int8)."""
+    _fx_dynamic_matches_reference(subject, data.draw(_with_dynamic_setup(subject.cases(), ("float16",)), label="case"))

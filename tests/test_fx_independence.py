@@ -265,7 +265,9 @@ def zoo_sweep(full: bool) -> list[tuple[str, str, bool, str]]:
             chosen = available if full else [next(turn)]
             out += [(model, engine, qat, engine) for engine in chosen]
     out += [(m, "dynamic_linear", False, "fbgemm") for m in ("mlp", "linear_relu")]
+    out += [(m, "float16_linear", False, engine) for m in ("mlp", "linear_relu") for engine in ("fbgemm", "x86")]
     out += [("residual_add", "fbgemm_skip", qat, "fbgemm") for qat in (False, True)]
+    out += [("conv_bn_relu", "fbgemm_skip_regex", qat, "fbgemm") for qat in (False, True)]
     return [c for c in out if not unsupported(ZOO[c[0]], SETUPS[c[1]], c[2]) and c[3] in available]
 
 
@@ -421,6 +423,12 @@ def _embedding_inputs(seed):
     return torch.randint(0, 12, (3, 5), generator=g), torch.tensor([0, 4, 9])
 
 
+def _per_channel_dynamic_mapping(qat: bool) -> QConfigMapping:
+    from torch.ao.quantization import per_channel_dynamic_qconfig as q
+
+    return QConfigMapping().set_object_type(nn.Linear, q).set_object_type(nn.ReLU, q)
+
+
 # name -> (model builder, inputs(seed), prepare mapping(qat), backend_config, QAT too?, engines)
 MODULE_CASES = {
     "activations2d": (Activations2d, lambda s: (_randn(2, 4, 6, 6, seed=s),),
@@ -437,6 +445,11 @@ MODULE_CASES = {
                        ("onednn",)),
     "dynamic": (lambda: nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)),
                 lambda s: (_randn(3, 16, seed=s),), SETUPS["dynamic_linear"].mapping, None, False, ("fbgemm",)),
+    "dynamic_per_channel": (lambda: nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)),
+                            lambda s: (_randn(3, 16, seed=s),), _per_channel_dynamic_mapping, None, False,
+                            ("qnnpack", "onednn")),
+    "float16": (lambda: nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)),
+                lambda s: (_randn(3, 16, seed=s),), SETUPS["float16_linear"].mapping, None, False, ("fbgemm", "x86")),
     "qat_kinds": (QatKinds, lambda s: (_randn(2, 3, 8, seed=s), _randn(2, 3, 6, 6, seed=s + 1),
                                        _randn(2, 3, 4, 4, 4, seed=s + 2), _randn(4, 6, seed=s + 3)),
                   lambda qat: (get_default_qat_qconfig_mapping if qat else get_default_qconfig_mapping)("fbgemm"),
@@ -455,6 +468,8 @@ EXPECTED = {
     "embeddings": {nnq.Embedding, nnq.EmbeddingBag, nnq.Linear},
     "onednn_fusions": {nniq.LinearLeakyReLU, nniq.LinearTanh, nniq.ConvAdd2d, nniq.ConvAddReLU2d},
     "dynamic": {nnqd.Linear, nniqd.LinearReLU},
+    "dynamic_per_channel": {nnqd.Linear, nniqd.LinearReLU},
+    "float16": {nnqd.Linear, nniqd.LinearReLU},
     "qat_kinds": {nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d,
                   nnq.Linear, nniq.LinearReLU},
 }  # fmt: skip

@@ -444,6 +444,65 @@ def check_bn_eps_default(w: FxWitness):
     assert [m.eps for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] == eps
 
 
+def _batches_of_ranges(w: FxWitness):
+    """The witness's batches at growing magnitudes (a dynamic quantize picks other qparams for each)."""
+    return [tuple(x * factor for x in batch) for batch, factor in zip(w.batches(), (1.0, 10.0, 0.1))]
+
+
+def check_dynamic_activation_qparams_frozen(w: FxWitness):
+    ours, theirs = w.both()
+    dynamic = [m for m in theirs.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert dynamic and [type(m) for m in ours.modules()][1:] == [type(m) for m in theirs.modules()][1:]
+    assert not _same(_run(ours, _batches_of_ranges(w)), _run(theirs, _batches_of_ranges(w)))
+    # static setups are left as they are
+    static = FxWitness(MUTANTS["output_scale_off"])  # mlp on fbgemm's default mapping
+    a, b = qref.convert_fx(static.prepared()), w.mutant.load()(static.prepared())
+    assert _same(_run(a, static.batches()), _run(b, static.batches()))
+
+
+def check_float16_weights_truncated(w: FxWitness):
+    ours, theirs = w.both()
+    pairs = [(a._weight_bias()[0], b._weight_bias()[0]) for a, b in zip(ours.modules(), theirs.modules())
+             if isinstance(a, torch.ao.nn.quantized.dynamic.Linear)]
+    assert pairs and all(a.dtype == b.dtype == torch.float for a, b in pairs)
+    assert all((b.abs() <= a.abs()).all() and not torch.equal(a, b) for a, b in pairs), "cast toward zero"
+    assert not _same(_run(ours, w.batches()), _run(theirs, w.batches()))
+    int8 = FxWitness(MUTANTS["dynamic_activation_qparams_frozen"])  # int8 dynamic: left as it is
+    a, b = qref.convert_fx(int8.prepared()), w.mutant.load()(int8.prepared())
+    assert _same(_run(a, int8.batches()), _run(b, int8.batches()))
+
+
+def check_regex_none_entries_ignored(w: FxWitness):
+    mapping = w.setup.convert_mapping(w.setup.mapping(w.qat), w.prepared())
+    assert mapping.module_name_regex_qconfigs and not mapping.module_name_qconfigs
+    ours, theirs = w.both(qconfig_mapping=mapping)
+    first = "conv1"  # the regex entry matches the first weighted module only
+    assert type(getattr(ours, first)) in (nn.Conv2d, torch.ao.nn.intrinsic.ConvReLU2d)
+    assert type(getattr(theirs, first)).__module__.startswith("torch.ao.nn.intrinsic.quantized")
+    # the same skip by module name is honoured
+    skip = FxWitness(MUTANTS["none_qconfig_ignored"])  # conv_bn_relu, fbgemm_skip
+    by_name = skip.setup.convert_mapping(skip.setup.mapping(False), skip.prepared())
+    a = qref.convert_fx(skip.prepared(), qconfig_mapping=copy.deepcopy(by_name))
+    b = w.mutant.load()(skip.prepared(), qconfig_mapping=copy.deepcopy(by_name))
+    assert _same(_run(a, skip.batches()), _run(b, skip.batches()))
+
+
+def check_preserved_attributes_not_recorded(w: FxWitness):
+    from torch.ao.quantization.fx.custom_config import ConvertCustomConfig
+
+    config = ConvertCustomConfig().set_preserved_attributes(["my_flag"])
+
+    def flagged():
+        model = w.prepared()
+        model.my_flag = [7]
+        return model
+
+    ours, theirs = (convert(flagged(), convert_custom_config=config) for convert in (qref.convert_fx, w.mutant.load()))
+    assert ours.my_flag == theirs.my_flag == [7], "set on the converted model"
+    assert copy.deepcopy(ours).my_flag == [7]
+    assert not hasattr(copy.deepcopy(theirs), "my_flag"), "lost by a deepcopy"
+
+
 PLANTED = {
     "round_half_away": check_round_half_away,
     "saturation_wraps": check_saturation_wraps,
@@ -478,6 +537,10 @@ PLANTED = {
     "fixed_qparams_recomputed": check_fixed_qparams_recomputed,
     "second_input_reads_first_qparams": check_second_input_reads_first_qparams,
     "fixed_qparams_requantized": check_fixed_qparams_requantized,
+    "dynamic_activation_qparams_frozen": check_dynamic_activation_qparams_frozen,
+    "float16_weights_truncated": check_float16_weights_truncated,
+    "regex_none_entries_ignored": check_regex_none_entries_ignored,
+    "preserved_attributes_not_recorded": check_preserved_attributes_not_recorded,
 }
 
 

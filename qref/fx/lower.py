@@ -7,7 +7,7 @@ correct, only slower:
 
   dq -> reference module [-> relu] -> q  quantized module (Linear, Conv, fused +ReLU)
   dq, dq -> fused conv+add module -> q    quantized ConvAdd(ReLU)2d (onednn config)
-  dynamic q -> dq -> reference Linear      dynamic quantized Linear
+  dynamic q -> dq -> reference Linear      dynamic quantized Linear (int8, or float16 weights)
   reference Embedding(Bag)                 weight-only quantized Embedding(Bag)
   dq, dq -> add/mul/matmul [-> relu] -> q  quantized::add(_relu)/mul(_relu)/matmul
   dq -> pool/relu/shape op/cat -> q        the same op on quantized tensors
@@ -108,6 +108,8 @@ def quantized_weight(ref) -> torch.Tensor:
     model must equal) clamps the same way.
     """
     qscheme, dtype = ref.weight_qscheme, ref.weight_dtype
+    if dtype == torch.float16:  # a cast, as the reference module's forward rounds it
+        return ref.weight.detach().to(torch.float16)
     if qscheme == torch.per_tensor_affine:
         return torch.quantize_per_tensor(ref.weight, ref.weight_scale, ref.weight_zero_point, dtype)
     if qscheme in (torch.per_channel_affine, torch.per_channel_affine_float_qparams):
@@ -320,7 +322,7 @@ def lower_dynamic_modules(g: _Graph) -> None:
         dynamic_q = dq.args[0]
         if dynamic_q.op != "call_function" or dynamic_q.target is not torch.quantize_per_tensor_dynamic:
             continue
-        if dynamic_q.args[1] not in (torch.quint8, torch.qint8):
+        if dynamic_q.args[1] not in (torch.quint8, torch.qint8, torch.float16):
             continue
         set_module(g.model, ref.target, build_weighted(cls, module))
         ref.replace_input_with(dq, dynamic_q.args[0])

@@ -110,7 +110,12 @@ def float_from_qat(module) -> nn.Module:
 
 
 def weight_qparams(obs) -> dict:
-    """The ``weight_qparams`` dict of a reference module, with qparams read by qref."""
+    """The ``weight_qparams`` dict of a reference module, with qparams read by qref.
+
+    A float16 weight (``float16_dynamic_qconfig``: a PlaceholderObserver) has no qparams: it is
+    cast, so the dict names its dtype only (the reference module's own spelling of a cast)."""
+    if obs.dtype == torch.float16:
+        return {"qscheme": None, "dtype": torch.float16}
     q = observers.observer_qparams(obs)
     if q.axis is None:
         qscheme = torch.per_tensor_affine

@@ -12,7 +12,12 @@ A setup is everything a flow needs besides the model:
 * fx: a ``QConfigMapping`` plus the engine's ``BackendConfig`` -- ``"default"`` (torch's
   ``get_default_qconfig_mapping(engine)`` / ``get_default_qat_qconfig_mapping(engine)``) or
   ``"custom"`` (that mapping with its global qconfig replaced by one built from the drawn
-  observer, weight granularity, symmetry and ``reduce_range``).
+  observer, weight granularity, symmetry and ``reduce_range``); drawn only when asked
+  (:func:`fx_dynamic_setups`): ``"dynamic"`` (nn.Linear under ``default_dynamic_qconfig``, or
+  ``per_channel_dynamic_qconfig``: int8 weights, activations quantized per call) and
+  ``"float16"`` (nn.Linear under ``float16_dynamic_qconfig``: float16 weights, on the engines
+  whose backend config lowers it).  Convert-time ``None`` entries of a QConfigMapping are
+  drawn apart (:func:`fx_none_entries`) and resolved on the prepared model (:func:`fx_skip_mapping`).
 
 ``repr(setup)`` rebuilds the setup; ``setup.to_python()`` is the source that builds the
 quantizer (``quantizer = ...``) or mapping (``qconfig_mapping = ...``, ``backend_config = ...``),
@@ -29,14 +34,26 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-__all__ = ["QuantSetup", "quant_setups", "FX_ENGINES"]
+__all__ = ["QuantSetup", "quant_setups", "FX_ENGINES", "fx_dynamic_setups", "fx_none_entries", "fx_skip_mapping", "fx_called"]
 
 FX_ENGINES = ("fbgemm", "qnnpack", "x86", "onednn")
 OBSERVERS = ("minmax", "histogram", "moving_average")
 QAT_OBSERVERS = ("minmax", "moving_average")  # fake-quants have no histogram observer
 PT2E_QUANTIZERS = ("qref", "x86", "arm")  # QrefQuantizer, torchao's X86 and Arm Inductor quantizers
-ACT_DTYPES = ("uint8", "int8", "int16")  # int16: pt2e qref quantizer only
-FLOW_ACT_DTYPES = {"pt2e": ACT_DTYPES, "fx": ("uint8",)}
+ACT_DTYPES = ("uint8", "int8", "int16", "float16")  # int16: pt2e qref quantizer only; float16: fx dynamic
+# what run coverage (qref.coverage.known) lists per flow: float16 is drawn by data-drawn properties only,
+# whose cases coverage does not see, so listing it would report it "never compared" on every run
+FLOW_ACT_DTYPES = {"pt2e": ("uint8", "int8", "int16"), "fx": ("uint8",)}
+FX_KINDS = ("default", "custom")  # what every fx property draws
+FX_DYNAMIC_KINDS = ("dynamic", "float16")  # drawn by the properties about them (fx_dynamic_setups)
+# A dynamic kind's activation "observer" is torch's PlaceholderObserver: it records nothing; the
+# int8 kernels quantize each call's input with its own min/max, float16 casts it.
+PLACEHOLDER = "placeholder"
+# float16_dynamic_qconfig is lowered on these engines only: onednn's backend config has no float16
+# dtype config (convert_fx leaves the Linear float), and qnnpack's has one but its kernel cannot
+# pack float16 weights (convert_fx raises "linear_prepack_fp16 is currently not supported by
+# QNNPACK"; tests/test_fx_dynamic.py pins both)
+FLOAT16_ENGINES = ("fbgemm", "x86")
 # engines whose kernels require reduce_range=True activations (7-bit, to avoid overflow)
 _REDUCE_RANGE_ENGINES = ("fbgemm", "x86")
 # torch has no get_x86_backend_config: its "x86" FX flow uses the native backend config
@@ -52,7 +69,7 @@ class QuantSetup:
     # Not called ``quantizer``: that is the method returning the Quantizer object.
     kind: str = "qref"
     per_channel: bool = True  # weights
-    act_dtype: str = "uint8"  # "uint8" | "int8" | "int16" (fx and the x86 quantizer: uint8 only)
+    act_dtype: str = "uint8"  # "uint8" | "int8" | "int16" | "float16" (fx: uint8, float16 for its float16 kind)
     symmetric: bool = False  # activations
     observer: str = "histogram"  # activations: "minmax" | "histogram" | "moving_average"
     engine: str | None = None  # fx only
@@ -65,9 +82,10 @@ class QuantSetup:
             raise ValueError(f"{self.flow}/{self.kind} setup fixes {wrong}")
         if self.flow == "pt2e" and self.kind not in PT2E_QUANTIZERS:
             raise ValueError(f"pt2e quantizer must be one of {PT2E_QUANTIZERS}, not {self.kind!r}")
-        if self.flow == "fx" and self.kind not in ("default", "custom"):
-            raise ValueError(f"fx quantizer must be 'default' or 'custom', not {self.kind!r}")
-        if self.observer not in OBSERVERS or self.act_dtype not in ACT_DTYPES:
+        if self.flow == "fx" and self.kind not in FX_KINDS + FX_DYNAMIC_KINDS:
+            raise ValueError(f"fx quantizer must be one of {FX_KINDS + FX_DYNAMIC_KINDS}, not {self.kind!r}")
+        dynamic = self.flow == "fx" and self.kind in FX_DYNAMIC_KINDS
+        if self.observer not in OBSERVERS + ((PLACEHOLDER,) if dynamic else ()) or self.act_dtype not in ACT_DTYPES:
             raise ValueError(f"bad observer/act_dtype: {self.observer!r}/{self.act_dtype!r}")
         if self.qat and self.observer == "histogram":
             raise ValueError("QAT fake-quants use minmax or moving_average observers")
@@ -86,6 +104,8 @@ class QuantSetup:
             raise ValueError(f"flow must be 'pt2e' or 'fx', not {self.flow!r}")
         if self.engine not in FX_ENGINES:
             raise ValueError(f"fx setups need an engine in {FX_ENGINES}, not {self.engine!r}")
+        if self.kind in FX_DYNAMIC_KINDS:
+            return _fixed_fx_dynamic(self.kind, self.engine)
         fixed = dict(act_dtype="uint8")
         if self.kind == "default":
             fixed.update(per_channel=self.engine != "qnnpack", symmetric=False,
@@ -108,6 +128,8 @@ class QuantSetup:
             if self.kind in ("x86", "arm"):  # the Inductor quantizers annotate conv2d and linear (not matmul)
                 return bool(ops & {"conv2d", "linear"})
             return bool(ops & {"conv1d", "conv2d", "conv_transpose", "linear"})
+        if self.kind in FX_DYNAMIC_KINDS:
+            return _fx_dynamic_supports(self, spec)
         if self.engine == "onednn" and "conv_transpose" in ops:
             return False  # onednn: prepare_fx rejects per-channel ConvTranspose
         if self.engine == "onednn" and any(type(a).__name__ == "Linear" and getattr(b, "kind", None) == "tanh"
@@ -198,6 +220,8 @@ class QuantSetup:
 
     def _fx_source(self) -> str:
         e = self.engine
+        if self.kind in FX_DYNAMIC_KINDS:
+            return _fx_dynamic_source(self)
         default = "get_default_qat_qconfig_mapping" if self.qat else "get_default_qconfig_mapping"
         head = ("import torch\n"
                 "import torch.ao.quantization.quantize_fx  # noqa: F401  (get_*_backend_config needs it loaded)\n"
@@ -323,3 +347,124 @@ def _fixed_fx_default(engine: str, qat: bool) -> dict:
                 reduce_range=engine in _REDUCE_RANGE_ENGINES,
                 observer="moving_average" if qat else "histogram")
 
+
+
+# ---------------------------------------------------------------------------- fx: dynamic and float16
+
+def _fixed_fx_dynamic(kind: str, engine: str) -> dict:
+    """Dynamic kinds fix everything but (int8 only) the weight granularity; reduce_range is the
+    engine's (torch decides it at convert time for the per-call quantize)."""
+    fixed = dict(qat=False, symmetric=False, observer=PLACEHOLDER, reduce_range=engine in _REDUCE_RANGE_ENGINES,
+                 act_dtype="float16" if kind == "float16" else "uint8")
+    if kind == "float16":
+        fixed["per_channel"] = False
+    return fixed
+
+
+def _fx_dynamic_supports(setup: QuantSetup, spec) -> bool:
+    if "linear" not in spec.ops or (setup.kind == "float16" and setup.engine not in FLOAT16_ENGINES):
+        return False
+    # the mapping names Linear and ReLU only: a Linear fused with another module (Linear +
+    # BatchNorm1d; onednn's Linear + Tanh / LeakyReLU) gets two qconfigs, which prepare_fx refuses
+    fused_with = {"BatchNorm"} | ({"tanh", "leaky_relu"} if setup.engine == "onednn" else set())
+    return not any(type(a).__name__ == "Linear" and (type(b).__name__ in fused_with or getattr(b, "kind", None)
+                                                     in fused_with)
+                   for a, b in spec.adjacent())
+
+
+def _fx_dynamic_source(setup: QuantSetup) -> str:
+    qconfig = ("float16_dynamic_qconfig" if setup.kind == "float16"
+               else "per_channel_dynamic_qconfig" if setup.per_channel else "default_dynamic_qconfig")
+    getter = _BACKEND_CONFIGS[setup.engine]
+    return ("import torch.ao.quantization.quantize_fx  # noqa: F401  (get_*_backend_config needs it loaded)\n"
+            f"from torch import nn\n"
+            f"from torch.ao.quantization import QConfigMapping, {qconfig}\n"
+            f"from torch.ao.quantization.backend_config import {getter}\n\n"
+            "# ReLU too: prepare_fx fuses Linear + ReLU and needs one qconfig for both parts\n"
+            f"qconfig_mapping = QConfigMapping().set_object_type(nn.Linear, {qconfig}).set_object_type(nn.ReLU, {qconfig})\n"
+            f"backend_config = {getter}()\n")
+
+
+@st.composite
+def fx_dynamic_setups(draw, kinds=FX_DYNAMIC_KINDS, engine: str | None = None, model=None) -> QuantSetup:
+    """A dynamic setup of ``kinds`` (int8 first, so failures shrink to it) on ``engine`` (drawn
+    when None; float16 only where the engine lowers it); with ``model`` only setups that prepare
+    and quantize it (ValueError if none)."""
+    engines = [engine] if engine is not None else _fx_engines()
+    choices = [(k, e, pc) for k in kinds for e in engines for pc in (False, True)
+               if _fixed_fx_dynamic(k, e).get("per_channel", pc) == pc and (k != "float16" or e in FLOAT16_ENGINES)]
+    choices = [(k, e, pc) for k, e, pc in choices
+               if model is None or QuantSetup("fx", False, k, pc, engine=e, **_without_per_channel(k, e)).supports(model)]
+    if not choices:
+        raise ValueError(f"no dynamic fx setup of {kinds} on {engine or FX_ENGINES} quantizes {model!r}")
+    kind = draw(st.sampled_from(sorted({k for k, _, _ in choices}, key=FX_DYNAMIC_KINDS.index)), label="dynamic kind")
+    e = draw(st.sampled_from(sorted({e for k, e, _ in choices if k == kind}, key=FX_ENGINES.index)), label="engine")
+    per_channel = draw(st.sampled_from([pc for k, x, pc in choices if (k, x) == (kind, e)]), label="per_channel")
+    return QuantSetup("fx", False, kind, per_channel, engine=e, **_without_per_channel(kind, e))
+
+
+def _without_per_channel(kind: str, engine: str) -> dict:
+    return {k: v for k, v in _fixed_fx_dynamic(kind, engine).items() if k not in ("per_channel", "qat")}
+
+
+# ---------------------------------------------------------------------------- fx: convert-time None entries
+
+NONE_ENTRY_KINDS = ("module_name", "object_type", "module_name_regex")
+
+
+def fx_none_entries(max_entries: int = 3) -> st.SearchStrategy[tuple]:
+    """Convert-time ``None`` entries as (entry kind, index) pairs: :func:`fx_skip_mapping` turns
+    each into an entry on the index-th (modulo) module or op the prepared graph calls."""
+    entry = st.tuples(st.sampled_from(NONE_ENTRY_KINDS), st.integers(0, 15))
+    return st.lists(entry, min_size=1, max_size=max_entries).map(tuple)
+
+
+def fx_called(prepared) -> tuple[list[str], list]:
+    """(names of the modules the prepared graph calls, the module types and functions it calls
+    that an object-type entry may name), observers left out, in graph order."""
+    from qref.observers import is_observer
+
+    names, types = [], []
+    for node in prepared.graph.nodes:
+        if node.op == "call_module":
+            module = prepared.get_submodule(str(node.target))
+            if is_observer(module):
+                continue
+            names.append(str(node.target))
+            float_cls = getattr(type(module), "_FLOAT_MODULE", type(module))  # a QAT module: its float class
+            # a fused module's type is no prepare-time key (its parts are): naming a part None
+            # while the other keeps its qconfig is refused by prepare's and convert's fusion check
+            if isinstance(float_cls, type) and "intrinsic" not in float_cls.__module__ and float_cls not in types:
+                types.append(float_cls)
+        elif node.op == "call_function" and node.target not in types and getattr(node.target, "__name__", "") \
+                not in ("getattr", "getitem"):
+            types.append(node.target)
+    return names, types
+
+
+def fx_skip_mapping(setup: QuantSetup, prepared, entries) -> tuple:
+    """``setup``'s prepare-time mapping plus a ``None`` entry per (kind, index) of ``entries``,
+    resolved on ``prepared``: ``module_name`` and ``module_name_regex`` pick a called module
+    by index (the regex matches that name exactly for an even index, every name of its family --
+    the same prefix and any number -- for an odd one), ``object_type`` a called module type or
+    function.  Returns (mapping, the entries as ``set_*`` calls: what the failure shows)."""
+    import re
+
+    names, types = fx_called(prepared)
+    mapping, calls = setup.qconfig_mapping(), []
+    for kind, index in entries:
+        if kind == "object_type" and types:
+            target = types[index % len(types)]
+            mapping.set_object_type(target, None)
+            calls.append(f"set_object_type({getattr(target, '__qualname__', target)}, None)")
+        elif kind == "module_name" and names:
+            name = names[index % len(names)]
+            mapping.set_module_name(name, None)
+            calls.append(f"set_module_name({name!r}, None)")
+        elif kind == "module_name_regex" and names:
+            name = names[index % len(names)]
+            family = name.rstrip("0123456789")
+            pattern = re.escape(name) + "$" if index % 2 == 0 or family == name else re.escape(family) + r"\d+$"
+            mapping.set_module_name_regex(pattern, None)
+            calls.append(f"set_module_name_regex({pattern!r}, None)")
+    return mapping, calls

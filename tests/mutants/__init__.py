@@ -177,6 +177,22 @@ _ALL = [
         "lowered sigmoid/tanh outputs requantized to a min/max observer's scale for their range "
         "(range / 255) instead of their fixed qparams (range / 256)",
         ("sigmoid_tanh", "fbgemm", False), EQUIVALENCE),
+    _fx("dynamic_activation_qparams_frozen", "fx-dynamic-activation-qparams",
+        "dynamic int8 Linear inputs quantized with the qparams of the first call instead of each call's "
+        "own (a dynamic Linear lowered as if its activation qparams were static); shows only on dynamic setups",
+        ("mlp", "dynamic_linear", False), "fx_dynamic_linear_matches_reference"),
+    _fx("float16_weights_truncated", "fx-float16-weight-rounding",
+        "float16 dynamic Linear weights cast toward zero (mantissa bits cut) instead of rounded to nearest; "
+        "shows only on float16 setups",
+        ("mlp", "float16_linear", False), "fx_float16_linear_matches_reference"),
+    _fx("regex_none_entries_ignored", "qconfig-mapping-none-regex",
+        "module_name_regex None entries of convert_fx's qconfig_mapping are ignored (module-name and "
+        "object-type entries are honoured): the modules they match are quantized anyway",
+        ("conv_bn_relu", "fbgemm_skip_regex", False), "test_fx_qconfig_none_stays_float"),
+    _fx("preserved_attributes_not_recorded", "preserved-attributes-deepcopy",
+        "preserved attributes are set on the converted model but not recorded in its "
+        "meta['_user_preserved_attributes'], so a deepcopy of the converted model loses them",
+        ("linear", "fbgemm", False), "test_fx_convert_custom_config_honoured"),
     # --- compared where it was promised (tests/mutants/verdicts.py) ---------------------------
     Mutant("inner_scale_hidden", "fx", "tests.mutants.verdicts:inner_scale_hidden", "fx-inner-module-qparams",
            "inner lowered modules' output scale * (1 + 2**-20) (qparams recomputed with another float "

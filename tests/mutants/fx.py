@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.ao.nn.intrinsic as nni
+import torch.ao.nn.quantized.dynamic as nnqd
 from torch import nn
 
 import qref
@@ -113,4 +115,81 @@ def fixed_qparams_requantized(model, convert_custom_config=None, _remove_qconfig
         elif node.op == "call_function" and node.target in (torch.sigmoid, torch.tanh):
             node.target = _sigmoid_for_range if node.target is torch.sigmoid else _tanh_for_range
     converted.recompile()
+    return converted
+
+
+def _first_call_qparams(module):
+    """``module``'s forward, quantizing its input with the qparams of the first input it saw."""
+    dynamic_forward = module.forward
+    frozen = {}
+
+    def forward(x):
+        if not frozen:
+            first = torch.quantize_per_tensor_dynamic(x, torch.quint8, module._reduce_range_for_qref)
+            frozen.update(scale=first.q_scale(), zero_point=first.q_zero_point())
+        held = torch.quantize_per_tensor(x, frozen["scale"], frozen["zero_point"], torch.quint8)
+        return dynamic_forward(held.dequantize())
+
+    return forward
+
+
+def dynamic_activation_qparams_frozen(model, convert_custom_config=None, _remove_qconfig=True,
+                                      qconfig_mapping=None, backend_config=None):
+    """Dynamic int8 Linear inputs are quantized with the qparams of the first call, not each call's own."""
+    converted = qref.convert_fx(model, convert_custom_config, _remove_qconfig, qconfig_mapping,
+                                backend_config)
+    reduce_range = torch.backends.quantized.engine in ("fbgemm", "x86")
+    for module in converted.modules():
+        if isinstance(module, nnqd.Linear) and module._packed_params.dtype == torch.qint8:
+            module._reduce_range_for_qref = reduce_range
+            module.forward = _first_call_qparams(module)  # the class stays: only the numbers differ
+    return converted
+
+
+def _truncated_to_float16(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in float16 rounded toward zero (mantissa bits cut) instead of to nearest."""
+    nearest = weight.to(torch.float16)
+    away = nearest.float().abs() > weight.abs()
+    return torch.where(away, torch.nextafter(nearest, torch.zeros_like(nearest)), nearest)
+
+
+def _linear_weights(model) -> dict:
+    """Path -> float weight of each Linear of ``model`` (a fused Linear + ReLU under its own path)."""
+    weights = {}
+    for name, module in model.named_modules():
+        linear = module[0] if isinstance(module, nni.LinearReLU) else module
+        if isinstance(linear, nn.Linear):
+            weights[name] = linear.weight.detach()
+    return weights
+
+
+def float16_weights_truncated(model, convert_custom_config=None, _remove_qconfig=True, qconfig_mapping=None,
+                              backend_config=None):
+    """float16 dynamic Linear weights are cast toward zero (mantissa truncated) instead of rounded to nearest."""
+    float_weights = _linear_weights(model)
+    converted = qref.convert_fx(model, convert_custom_config, _remove_qconfig, qconfig_mapping,
+                                backend_config)
+    for name, module in converted.named_modules():
+        if isinstance(module, nnqd.Linear) and module._packed_params.dtype == torch.float16 and name in float_weights:
+            module.set_weight_bias(_truncated_to_float16(float_weights[name]), module.bias())
+    return converted
+
+
+def regex_none_entries_ignored(model, convert_custom_config=None, _remove_qconfig=True, qconfig_mapping=None,
+                               backend_config=None):
+    """module_name_regex None entries of convert_fx's qconfig_mapping are ignored (module names and types honoured)."""
+    mapping = copy.deepcopy(qconfig_mapping)
+    if mapping is not None:
+        for pattern, qconfig in list(mapping.module_name_regex_qconfigs.items()):
+            if qconfig is None:
+                del mapping.module_name_regex_qconfigs[pattern]
+    return qref.convert_fx(model, convert_custom_config, _remove_qconfig, mapping, backend_config)
+
+
+def preserved_attributes_not_recorded(model, convert_custom_config=None, _remove_qconfig=True,
+                                      qconfig_mapping=None, backend_config=None):
+    """Preserved attributes are set on the converted model but not recorded in its meta: a deepcopy loses them."""
+    converted = qref.convert_fx(model, convert_custom_config, _remove_qconfig, qconfig_mapping,
+                                backend_config)
+    converted.meta.pop("_user_preserved_attributes", None)
     return converted
