@@ -21,10 +21,10 @@ NO_WEIGHTS = "-"
 
 class Combination(NamedTuple):
     op: str  # a layer's op family (ModelSpec.ops), or "q/dq primitive"
-    scheme: str  # activations: affine | symmetric (+ " reduce_range")
-    dtype: str  # activation (or primitive) integer dtype
+    scheme: str  # activations: [dynamic] affine | symmetric [narrow] [reduce_range]
+    dtype: str  # activation (or primitive) integer dtype; "int8+int16": int16 layers among int8 ones
     observer: str  # minmax | histogram | moving_average, "fake-quant (...)" in QAT
-    weights: str  # per-channel | per-tensor (weighted ops), "-" otherwise
+    weights: str  # per-channel | per-tensor [input-axis] [full-range | 7-bit] (weighted ops), "-" otherwise
     stage: str  # "pt2e PTQ", "fx QAT", ..., "primitive"
     quantizer: str  # pt2e x86 | qref; fx default | custom (with its engine)
 
@@ -47,15 +47,26 @@ def of_example(arguments: dict) -> list[Combination]:
     return out
 
 
+# QrefQuantizer's int8 weight ranges other than its default [-127, 127] (QuantSetup.weight_qrange)
+WEIGHT_RANGES = {(-128, 127): "full-range", (-64, 63): "7-bit"}
+DYNAMIC_OPS = ("linear", "attention")  # ops whose linears a dynamic setup quantizes at run time
+
+
 def _of_model_case(case) -> list[Combination]:
     setup = case.setup
-    scheme = ("symmetric" if setup.symmetric else "affine") + (" reduce_range" if setup.reduce_range else "")
+    scheme = ("symmetric" if setup.symmetric else "affine") + (" narrow" if getattr(setup, "narrow_range", False)
+                                                               else "") + (" reduce_range" if setup.reduce_range else "")
     observer = f"fake-quant ({setup.observer})" if setup.qat else setup.observer
     stage = f"{setup.flow} {'QAT' if setup.qat else 'PTQ'}"
     quantizer = setup.kind if setup.engine is None else f"{setup.kind} ({setup.engine})"
-    granularity = "per-channel" if setup.per_channel else "per-tensor"
-    return [Combination(op, scheme, setup.act_dtype, observer, granularity if op in WEIGHTED_OPS else NO_WEIGHTS,
-                        stage, quantizer)
+    weights = " ".join(part for part in (
+        "per-channel" if setup.per_channel else "per-tensor",
+        "input-axis" if getattr(setup, "weight_axis", "output") == "input" else "",
+        WEIGHT_RANGES.get(getattr(setup, "weight_qrange", None), "")) if part)
+    dtype = setup.act_dtype + ("+int16" if getattr(setup, "int16_layers", ()) else "")
+    dynamic = getattr(setup, "dynamic", False)
+    return [Combination(op, ("dynamic " if dynamic and op in DYNAMIC_OPS else "") + scheme, dtype, observer,
+                        weights if op in WEIGHTED_OPS else NO_WEIGHTS, stage, quantizer)
             for op in sorted(case.spec.ops)]
 
 
@@ -72,11 +83,14 @@ def known(flow: str | None = None) -> dict[str, tuple]:
     ops = sorted({op for kind in models.layer_kinds() for op in kind.ops_drawn()
                   if flow != "fx" or op not in models.PT2E_ONLY_OPS})
     observers = list(setups.OBSERVERS) + [f"fake-quant ({o})" for o in setups.QAT_OBSERVERS]
+    pt2e = flow in (None, "pt2e")  # what only pt2e's QrefQuantizer setups draw
+    dtypes = tuple(setups.FLOW_ACT_DTYPES.get(flow, setups.ACT_DTYPES))
     return {
         "op": tuple(ops) + (PRIMITIVE,),
-        "dtype": tuple(setups.FLOW_ACT_DTYPES.get(flow, setups.ACT_DTYPES)),
+        "scheme": ("affine", "symmetric", "reduce_range") + (("narrow", "dynamic") if pt2e else ()),
+        "dtype": dtypes + (tuple(f"{d}+int16" for d in dtypes if d != "int16") if pt2e else ()),
         "observer": tuple(observers),
-        "weights": ("per-channel", "per-tensor"),
+        "weights": ("per-channel", "per-tensor") + (("input-axis", *WEIGHT_RANGES.values()) if pt2e else ()),
         "stage": tuple(s for s in ("pt2e PTQ", "pt2e QAT", "fx PTQ", "fx QAT") if flow in (None, s.split()[0]))
         + ("primitive",),
     }
@@ -91,13 +105,19 @@ def summary(counts: Counter) -> dict[str, dict[str, int]]:
     return {axis: dict(sorted(c.items())) for axis, c in out.items()}
 
 
+def _covers(value: str) -> set:
+    """What a combination's value covers: itself and, for the scheme and weights axes, each of
+    its words ("symmetric narrow reduce_range" covers "narrow")."""
+    return {value, *value.split(" ")}
+
+
 def missing(covered: Iterable[Combination], universe: dict[str, tuple] | None = None) -> dict[str, list[str]]:
     """Per axis, the known values no compared example covered."""
     universe = known() if universe is None else universe
     seen: dict[str, set] = {axis: set() for axis in AXES}
     for combination in covered:
         for axis, value in zip(AXES, combination):
-            seen[axis].add(value)
+            seen[axis] |= _covers(value) if axis in ("scheme", "weights") else {value}
     return {axis: [v for v in values if v not in seen.get(axis, ())] for axis, values in universe.items()
             if any(v not in seen.get(axis, ()) for v in values)}
 
@@ -125,7 +145,8 @@ def to_json(counts: Counter, universe: dict[str, tuple] | None = None) -> dict:
     }
 
 
-_SHORT_DTYPE = {"uint8": "u8", "int8": "i8", "int16": "i16", "int32": "i32"}
+_SHORT_DTYPE = {"uint8": "u8", "int8": "i8", "int16": "i16", "int32": "i32", "uint8+int16": "u8+i16",
+                "int8+int16": "i8+i16"}
 
 
 def matrix_lines(counts: Counter, universe: dict[str, tuple] | None = None) -> list[str]:
@@ -161,5 +182,6 @@ def all_values(universe: dict[str, tuple] | None = None) -> set[str]:
 
 def not_covered(required: Iterable[str], counts: Counter) -> list[str]:
     """The required values (an op, dtype, observer, weights or stage value) no compared example had."""
-    seen = {value for c in counts for value in c}
+    seen = {value for c in counts for axis, v in zip(AXES, c)
+            for value in (_covers(v) if axis in ("scheme", "weights") else {v})}
     return [value for value in required if value not in seen]

@@ -47,6 +47,26 @@ def test_an_fx_case_names_its_engine_and_reduced_range():
     assert got.stage == "fx PTQ" and got.weights == "per-channel"
 
 
+def test_a_qref_case_names_its_ranges_weight_axis_dynamic_linears_and_int16_layers():
+    case = _case((Linear(4, 3), Act("relu"), Linear(3, 2)), input_shape=(2, 4), act_dtype="int8", symmetric=True,
+                 narrow_range=True, reduce_range=True, weight_qrange=(-64, 63), weight_axis="input", dynamic=True,
+                 int16_layers=(1,), observer="minmax")
+    linear, relu = coverage.of_example({"case": case})
+    assert linear == Combination("linear", "dynamic symmetric narrow reduce_range", "int8+int16", "minmax",
+                                 "per-channel input-axis 7-bit", "pt2e PTQ", "qref")
+    assert relu.scheme == "symmetric narrow reduce_range" and relu.weights == "-"
+    universe = coverage.known("pt2e")
+    gaps = coverage.missing(Counter({linear: 1, relu: 1}), universe)
+    for axis, covered in [("scheme", ["symmetric", "narrow", "reduce_range", "dynamic"]), ("dtype", ["int8+int16"]),
+                          ("weights", ["per-channel", "input-axis", "7-bit"])]:
+        assert set(covered) <= set(universe[axis]) and not set(covered) & set(gaps[axis]), axis
+    assert {"affine", "per-tensor", "full-range", "uint8+int16"} <= {v for g in gaps.values() for v in g}
+    assert coverage.not_covered(["narrow", "7-bit", "full-range"], Counter({linear: 1})) == ["full-range"]
+    assert "i8+i16" in next(line for line in coverage.matrix_lines(Counter({linear: 1}), universe)
+                            if line.strip().startswith("linear"))
+    assert "narrow" not in coverage.known("fx")["scheme"] and coverage.known("fx")["dtype"] == ("uint8",)
+
+
 def test_a_primitive_case_covers_its_dtype_and_axis():
     q = QParamsCase(torch.ones(3), torch.zeros(3, dtype=torch.int64), 1, -128, 127, torch.int8)
     (got,) = coverage.of_example({"q": q, "data": object()})
@@ -94,7 +114,7 @@ def test_missing_and_matrix_name_what_was_never_compared():
     universe = coverage.known("pt2e")
     gaps = coverage.missing(counts, universe)
     assert "conv2d" not in gaps["op"] and "linear" in gaps["op"]
-    assert gaps["weights"] == ["per-channel"] and "pt2e QAT" in gaps["stage"]
+    assert gaps["weights"] == ["per-channel", "input-axis", "full-range", "7-bit"] and "pt2e QAT" in gaps["stage"]
     lines = coverage.matrix_lines(counts, universe)
     (conv_row,) = [line for line in lines if line.strip().startswith("conv2d")]
     assert "u8" in conv_row

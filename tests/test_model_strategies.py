@@ -316,6 +316,90 @@ def test_pt2e_setups_draw_torchaos_arm_inductor_quantizer():
         QuantSetup("pt2e", kind="arm", per_channel=True, act_dtype="int8", observer="histogram")
 
 
+# examples of the pt2e equivalence family at the quick profile (properties/_support.PROFILES):
+# single_op, large_tensor, fixed_qparams (ops: 6 each), two_input, pattern, sequence, qat_conv_bn,
+# reference_representation (patterns: 5 each), model (models: 4)
+QUICK_PT2E_EQUIVALENCE = 3 * 6 + 5 * 5 + 4
+
+
+def _weighted_ops(spec) -> int:
+    return sum(isinstance(layer, (Conv, Linear)) for layer in spec.all_layers()) + 4 * sum(
+        isinstance(layer, Attention) for layer in spec.all_layers())
+
+
+# ops QrefQuantizer quantizes with the graph's activation dtype, never with an int16 layer's
+_INT8_OPS = {"add", "cat", "pool", "sigmoid", "tanh", "hardsigmoid", "softmax", "matmul", "gelu", "silu",
+             "layer_norm", "attention"}
+
+
+def _int16_meets_int8(spec, setup) -> bool:
+    """Some int16 layer's activations meet int8 ones: another weighted op, or an op quantized
+    with the graph's dtype."""
+    return bool(setup.int16_layers) and (_weighted_ops(spec) >= 2 or bool(spec.ops & _INT8_OPS))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_qref_setup_choices_are_drawn_within_the_quick_budget(seed):
+    """Within the pt2e equivalence family's quick budget the setups draw each QrefQuantizer choice a
+    mutant needs, on a model where it shows: a narrow or reduced activation range, per-channel
+    weights on the input-channel axis, a dynamically quantized Linear, int16 layers among int8 ones."""
+    from hypothesis import assume
+    from hypothesis import seed as hypothesis_seed
+
+    seen = []
+
+    @settings(max_examples=QUICK_PT2E_EQUIVALENCE, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+    @given(st.data())
+    def collect(data):
+        qat = data.draw(st.booleans(), label="qat")
+        spec = data.draw(model_specs("pt2e", data.draw(st.sampled_from(["ops", "patterns", "models"])), qat))
+        try:
+            setup = data.draw(quant_setups("pt2e", qat=qat, model=spec))
+        except ValueError:  # no quantizer takes the spec: cases() draws again
+            assume(False)
+        seen.append((spec, setup))
+
+    hypothesis_seed(seed)(collect)()
+    assert any(s.narrow_range or s.reduce_range for _, s in seen), "a narrow or reduced range"
+    assert any(s.weight_axis == "input" for _, s in seen), "input-channel weights"
+    assert any(s.dynamic and spec.ops & {"linear", "attention"} for spec, s in seen), "a dynamic Linear"
+    assert any(_int16_meets_int8(spec, s) for spec, s in seen), "int16 among int8 layers"
+
+
+@pytest.mark.parametrize("choice, field, value", [
+    (lambda s: s.narrow_range, "narrow_range", True),
+    (lambda s: s.weight_qrange is not None, "weight_qrange", (-128, 127)),
+    (lambda s: s.weight_axis == "input", "weight_axis", "input"),
+    (lambda s: s.dynamic, "dynamic", True),
+    (lambda s: bool(s.int16_layers), "int16_layers", (0,)),
+])
+def test_qref_setup_choices_shrink_to_themselves(choice, field, value):
+    """A failure needing one choice shrinks to the simplest setup with only that choice made."""
+    setup = find(quant_setups("pt2e", qat=False), choice, settings=settings(max_examples=500, database=None))
+    simplest = dict(kind="qref", per_channel=field == "weight_axis", act_dtype="int8", observer="minmax")
+    assert setup == QuantSetup("pt2e", **simplest, **{field: value})
+    assert setup.quantizer().config.act_qmin == (-127 if field == "narrow_range" else -128)
+
+
+def test_qref_setup_choices_reach_the_quantizer():
+    setup = QuantSetup("pt2e", kind="qref", act_dtype="uint8", narrow_range=True, reduce_range=True,
+                       weight_qrange=(-64, 63), weight_axis="input", dynamic=True, int16_layers=(0, 2))
+    config = setup.quantizer().config
+    assert (config.act_qmin, config.act_qmax) == (0, 126)
+    assert (config.weight_qmin, config.weight_qmax, config.weight_axis) == (-64, 63, "input")
+    assert config.dynamic_linear and config.wide_layers == (0, 2)
+    assert (config.wide_dtype, config.wide_qmin, config.wide_qmax) == (torch.int16, -16383, 16383)  # narrow: the most negative unused
+    assert eval(repr(setup), {"QuantSetup": QuantSetup}) == setup
+    for wrong in (dict(kind="x86", dynamic=True), dict(kind="qref", act_dtype="int16", int16_layers=(0,)),
+                  dict(kind="qref", per_channel=False, weight_axis="input"), dict(kind="qref", weight_qrange=(-1, 1)),
+                  dict(kind="qref", dynamic=True, act_dtype="int16")):
+        with pytest.raises(ValueError):
+            QuantSetup("pt2e", **wrong)
+    with pytest.raises(ValueError):
+        QuantSetup("fx", kind="custom", engine="qnnpack", per_channel=False, narrow_range=True)
+
+
 def test_setups_refuse_what_they_do_not_do():
     with pytest.raises(ValueError):
         QuantSetup("pt2e", kind="x86", act_dtype="int8")  # X86 activations are uint8

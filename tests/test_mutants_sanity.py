@@ -559,3 +559,48 @@ def test_mutant_plants_its_bug_on_its_witness(name, prepared_cache):
         PLANTED[name](Pt2eWitness(mutant, prepared_cache))
     else:
         PLANTED[name](FxWitness(mutant))
+
+
+# --- quantization ranges, weight axes, dynamic and mixed-dtype graphs ----------------------------
+
+
+def check_clamps_to_dtype_range(w: Pt2eWitness):
+    ranges = {(schema_arguments(q)["quant_min"], schema_arguments(q)["quant_max"]) for q in activation_quantizes(w.ours)}
+    assert ranges == {(-127, 127)}, "the witness's activations use the narrow range"
+    assert not w.outputs_differ(w.calibration())  # nothing saturates: the clamp bound never matters
+    assert w.outputs_differ([inputs(w.model_name, s, scale=100.0) for s in range(3)])  # -128 where -127
+    assert w.same_elsewhere("linear", "qref_int8_sym")  # the full range: dtype and spec agree
+
+
+def check_weight_axis_assumed_zero(w: Pt2eWitness):
+    def axes(gm):
+        return [n.args[3] for n in gm.graph.nodes
+                if is_call(n, (qd.dequantize_per_channel.default,)) and n.args[-2] != 2**31 - 1]  # fmt: skip
+
+    assert axes(w.ours) == [1, 1] and axes(w.theirs) == [0, 0]  # conv weights: input channels
+    assert w.outputs_differ()
+    assert w.same_elsewhere("conv_bn_relu", "qref_int8_sym")  # output channels are axis 0 there
+
+
+def check_one_activation_dtype(w: Pt2eWitness):
+    def dtypes(gm):
+        return [schema_arguments(q)["dtype"] for q in activation_quantizes(gm)]
+
+    assert torch.int16 in dtypes(w.ours) and torch.int8 in dtypes(w.ours)
+    assert set(dtypes(w.theirs)) == {torch.int8}
+    assert w.outputs_differ()
+    assert w.same_elsewhere("mlp", "qref_int8_sym")  # one dtype in the graph: nothing to lose
+
+
+def check_dynamic_qparams_frozen(w: Pt2eWitness):
+    assert any(is_call(n, (qd.choose_qparams.tensor,)) for n in w.ours.graph.nodes)
+    first, other = inputs(w.model_name, 0), inputs(w.model_name, 1, scale=10.0)
+    assert _same(_run(w.theirs, [first]), _run(w.ours, [first])), "the first call is right"
+    assert not _same(_run(w.theirs, [other]), _run(w.ours, [other])), "a later call keeps its qparams"
+    assert w.same_elsewhere("mlp", "qref_int8_sym")  # static qparams: nothing is chosen at run time
+
+
+PLANTED.update(clamps_to_dtype_range=check_clamps_to_dtype_range,
+               weight_axis_assumed_zero=check_weight_axis_assumed_zero,
+               one_activation_dtype=check_one_activation_dtype,
+               dynamic_qparams_frozen=check_dynamic_qparams_frozen)

@@ -55,6 +55,7 @@ def _float_bound(ref: _Recorder, leaf, tolerance: Tolerance) -> float | None:
             if grid is None:
                 return None
             scale = float(torch.as_tensor(grid.qparams.scale, dtype=torch.float64).max())
+            scale = max(scale, ref.dynamic_scale.get(node, 0.0))  # run-time qparams: every batch's
             return tolerance.allowed(ref.depth.get(node, 0)) * scale
         if node.op == "placeholder":
             return 0.0  # the same input in both

@@ -36,9 +36,12 @@ def _judge(
     got_qparams: QParams | None = None,
     note: str = "",
     keeps: tuple = (),
+    per_batch: list | None = None,
 ) -> PointResult:
     """``keeps``: other qparams the reference graph shows the point may legitimately carry (see
-    _other_grids); values on them are compared on the reference's grid."""
+    _other_grids); values on them are compared on the reference's grid.  ``per_batch``: (the
+    reference's, the candidate's) qparams on each batch, for a point whose qparams are computed
+    at run time (dynamic quantization): they must agree on every batch."""
     allowed = tolerance.allowed(depth)
     common = dict(key=key, kind=kind, node=node, depth=depth, allowed=allowed,
                   expected_qparams=expected_qparams, got_qparams=got_qparams)  # fmt: skip
@@ -55,6 +58,11 @@ def _judge(
     if expected and expected[0].dtype != got[0].dtype:
         mismatch.append(f"dtype {got[0].dtype} in the candidate, {expected[0].dtype} in the reference")
     differ = qparams_difference(expected_qparams, got_qparams)
+    for b, (e_qparams, g_qparams) in enumerate(per_batch or ()):  # run-time qparams: each batch's
+        differ = qparams_difference(e_qparams, g_qparams)
+        if differ:
+            differ = f"on batch {b}: {differ}"
+            break
     if differ and any(qparams_difference(k, got_qparams) is None for k in keeps):
         # a lowered op that keeps its input's qparams (e.g. hardtanh, whose output the next op
         # requantizes), as the reference graph allows: its values are compared on the reference's grid
@@ -93,6 +101,8 @@ def _judge(
             float_input=_at(float_inputs, b, index),
             got_float_input=_at(got_float_inputs, b, index),
         )
+    if per_batch and worst is not None and worst.batch < len(per_batch):  # the qparams there
+        common.update(expected_qparams=per_batch[worst.batch][0], got_qparams=per_batch[worst.batch][1])
     return PointResult(max_lsb=max_lsb, differing=differing, elements=elements, beyond=beyond, ok=ok,
                        worst=worst, note="; ".join(notes), mismatch="; ".join(mismatch), **common)  # fmt: skip
 
@@ -165,7 +175,8 @@ def _judge_output(ref: _Output, got, depth: int, tolerance: Tolerance, bound: fl
                            nonfinite=nonfinite - ref_nonfinite,
                            note=f"{what} in the candidate's output ({ref_nonfinite} in the reference)")
     if ref.grid is not None:
-        got_ints = [ref.grid.quantize(g) for g in got]
+        grids = ref.grids if len(ref.grids) == len(got) else [ref.grid] * len(got)  # run-time qparams vary
+        got_ints = [grid.quantize(g) if grid is not None else ref.grid.quantize(g) for grid, g in zip(grids, got)]
         return _judge(name, "output", name, depth, tolerance, ref.ints, got_ints, ref.floats, got,
                       expected_qparams=ref.qparams, got_qparams=ref.qparams,
                       note="candidate output put on the reference output's grid")  # fmt: skip
@@ -199,9 +210,12 @@ def _describe(value) -> str:
 
 
 def _judge_point(key: str, ref: _Point, got: _Point, depth: int, tolerance: Tolerance, kind=None, keeps=()):
+    per_batch = None
+    if ref.grids is not None or got.grids is not None:  # a dynamic quantize: qparams per batch
+        per_batch = [(ref.qparams_of(b), got.qparams_of(b)) for b in range(min(len(ref.values), len(got.values)))]
     return _judge(key, kind or ref.kind, ref.node, depth, tolerance, ref.values, got.values,
                   ref.float_inputs, got.float_inputs, expected_qparams=ref.qparams, got_qparams=got.qparams,
-                  keeps=keeps)  # fmt: skip
+                  keeps=keeps, per_batch=per_batch)  # fmt: skip
 
 
 def _compare_outputs(ref: _Recorder, got: _Recorder, tolerance: Tolerance, depths: list) -> dict:

@@ -102,10 +102,20 @@ class _Point:
     position: int  # in the graph, of the node the key names (pairing order; see _pairs)
     values: list = field(default_factory=list)  # integer tensor per batch
     float_inputs: list = field(default_factory=list)  # float input per batch (None for weights)
+    # a dynamic quantize (its qparams computed at run time, e.g. by choose_qparams): its grid
+    # on each batch; ``grid`` is the first batch's
+    grids: list | None = None
 
     @property
     def qparams(self) -> QParams | None:
         return self.grid.qparams if self.grid is not None else None
+
+    def qparams_of(self, batch: int) -> QParams | None:
+        """The qparams the point applied on ``batch`` (a static point: the same on every batch)."""
+        if self.grids is not None and batch < len(self.grids):
+            grid = self.grids[batch]
+            return grid.qparams if grid is not None else None
+        return self.qparams
 
 
 @dataclass
@@ -116,6 +126,7 @@ class _Output:
     floats: list = field(default_factory=list)
     ints: list = field(default_factory=list)  # the dequantize's integer input, per batch
     leaf: Any = None  # the graph node returned
+    grids: list = field(default_factory=list)  # the dequantize's grid per batch (dynamic qparams vary)
 
     @property
     def qparams(self) -> QParams | None:
@@ -146,6 +157,7 @@ class _Recorder(fx.Interpreter):
         self.rename = rename or {}  # own key -> the reference's (see _pairs)
         self.lowered_ops = lowered_ops  # every op on quantized tensors is a point (lowered FX)
         self._own_keys: set[str] = set()
+        self.dynamic_scale: dict[fx.Node, float] = {}  # dequantizes with run-time qparams: largest scale
         self.batch = 0
 
     # -- keys ---------------------------------------------------------------------------------
@@ -177,7 +189,7 @@ class _Recorder(fx.Interpreter):
             result = getattr(self, n.op)(n.target, args, kwargs)
             if self.batch == 0:
                 self._classify(n, args, kwargs, result)
-            self._record(n, args, result)
+            self._record(n, args, kwargs, result)
             key = self.key_of.get(n)
             if key in self.force and self.batch < len(self.force[key].values):
                 result = self._forced(n, args, kwargs, result, self.force[key])
@@ -224,7 +236,15 @@ class _Recorder(fx.Interpreter):
                 depth += 1
             grid = call_grid(n, args, kwargs, result) if is_quantize(n) else None
             self._add_point(n, self._new_key(first.name), "activation", depth, grid, first)
+            if grid is not None and self._runtime_qparams(n):
+                self.points[self.key_of[n]].grids = []  # filled per batch by _record
         self.depth[n] = depth
+
+    def _runtime_qparams(self, n: fx.Node) -> bool:
+        """A quantize/dequantize whose qparams are computed from the inputs (dynamic quantization:
+        choose_qparams on every call), not constants: they differ from batch to batch."""
+        return n.target is torch.quantize_per_tensor_dynamic or any(
+            a not in self.constant for a in n.all_input_nodes[1:])
 
     def _add_point(self, n, key, kind, depth, grid, named: fx.Node) -> None:
         self.key_of[n] = key
@@ -242,7 +262,7 @@ class _Recorder(fx.Interpreter):
                 grid = call_grid(leaf, args, kwargs, None)
             self.outputs.append(_Output(name=f"output[{i}]", depth=depth, grid=grid, leaf=leaf))
 
-    def _record(self, n: fx.Node, args, result) -> None:
+    def _record(self, n: fx.Node, args, kwargs, result) -> None:
         key = self.key_of.get(n)
         if key is not None:
             point = self.points[key]
@@ -252,6 +272,13 @@ class _Recorder(fx.Interpreter):
             else:
                 point.values.append(_ints(result))
                 point.float_inputs.append(args[0].detach() if _is_float(args[0]) else None)
+            if point.grids is not None:
+                point.grids.append(call_grid(n, args, kwargs, result))
+        if is_dequantize(n) and self._runtime_qparams(n):  # the largest step it took (float_bound)
+            grid = call_grid(n, args, kwargs, result)
+            if grid is not None:
+                scale = float(torch.as_tensor(grid.qparams.scale, dtype=torch.float64).max())
+                self.dynamic_scale[n] = max(scale, self.dynamic_scale.get(n, 0.0))
         if n.op == "output":
             leaves, _ = pytree.tree_flatten(n.args[0])
             values, _ = pytree.tree_flatten(args[0])
@@ -259,6 +286,8 @@ class _Recorder(fx.Interpreter):
                 out.floats.append(value.detach() if isinstance(value, Tensor) else value)
                 if out.qparams is not None:
                     out.ints.append(_ints(self.env[leaf.args[0]]).to(torch.int64))
+                    leaf_args, leaf_kwargs = self.fetch_args_kwargs_from_env(leaf)
+                    out.grids.append(call_grid(leaf, leaf_args, leaf_kwargs, None))
 
 
 def _like(ints: Tensor, template, grid: Grid | None = None):

@@ -15,6 +15,7 @@ from torch import fx
 
 from ..observers import is_observer
 from . import validate
+from .annotations import rebind
 from .duplicate_dq import duplicate_dequantize
 from .fold_qat_bn import fold_qat_conv_bn
 from .fold_quantize import fold_quantized_weights
@@ -73,9 +74,16 @@ def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A module over a copy of the graph; tensors are shared until _unshare_tensors.
 
     Deep-copying the module would also copy every node's metadata (fake tensors
-    included), which costs more than the whole conversion.
+    included), which costs more than the whole conversion.  The copy's annotations name its
+    own nodes where the prepared model's name the prepared model's (as torchao's in-place
+    conversion reads them): an input annotated with a key of some other graph (a deep copy's
+    stale annotation) stays unmatched, as it does in torchao.
     """
-    return _Editing(gm, copy.deepcopy(gm.graph))
+    copied = _Editing(gm, copy.deepcopy(gm.graph))
+    originals = set(gm.graph.nodes)
+    by_name = {n.name: n for n in copied.graph.nodes}  # a graph's copy keeps its node names
+    rebind(copied.graph, lambda key: by_name.get(key.name) if key in originals else None)
+    return copied
 
 
 def _remove_unused(gm: fx.GraphModule) -> None:

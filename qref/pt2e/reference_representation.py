@@ -23,7 +23,9 @@ torchao's numerics, mirrored on purpose (distance from the q/dq graph in output 
 - linear/conv requantize with ``out_dtype(mul, int32, acc, x_scale * w_scale / out_scale)``, which
   truncates toward zero, and quantize the bias with ``out_dtype(div, int32, ...)`` (truncation
   too): up to 1 LSB;
-- add rounds each rescaled input separately and clamps to a hardcoded [-128, 127]: up to 1 LSB;
+- add rounds each rescaled input separately and clamps to a hardcoded [-128, 127]: up to 1 LSB
+  (on a narrow range [-127, 127] it may also store -128, which the next dequantize's clamp to
+  quant_min takes back to -127);
 - add-relu truncates each rescaled input and clamps at the output zero point: up to 2 LSB;
 - max_pool requantizes by truncation: exact when input and output scales agree (as quantizers
   make them), else up to 1 LSB.

@@ -102,7 +102,8 @@ def prepare_case(spec: ModelSpec, setup: QuantSetup, calibration) -> torch.nn.Mo
         with torch.no_grad():
             for args in calibration:
                 prepared(*args)
-        return prepared
+        from qref.pt2e.annotations import rebind_on_deepcopy  # its copies' annotations name their own nodes
+        return rebind_on_deepcopy(prepared)
     from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
     model = spec.build()
@@ -333,14 +334,14 @@ def calibration_batches(draw, shape: tuple, min_batches: int = 2, max_batches: i
 
 def _input_qparams(prepared) -> tuple[float, int, int, int] | None:
     """(scale, zero_point, quant_min, quant_max) of the observer on the model's input, if any."""
-    from qref.observers import is_observer, observer_qparams
+    from qref.observers import is_observer, kind, observer_qparams
 
     for node in prepared.graph.nodes:
         if node.op != "placeholder":
             continue
         for user in node.users:
             module = getattr(prepared, str(user.target), None) if user.op == "call_module" else None
-            if module is not None and is_observer(module):
+            if module is not None and is_observer(module) and kind(module) == "static":  # dynamic: no scale
                 qp = observer_qparams(module)
                 return float(qp.scale.reshape(-1)[0]), int(qp.zero_point.reshape(-1)[0]), qp.quant_min, qp.quant_max
     return None

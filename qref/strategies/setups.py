@@ -5,10 +5,11 @@ A setup is everything a flow needs besides the model:
 * pt2e: a ``Quantizer`` -- ``"x86"`` (torchao's ``X86InductorQuantizer`` via
   :func:`qref.quantizers.x86_ptq` / :func:`~qref.quantizers.x86_qat`; uint8 affine
   activations, per-channel or per-tensor int8 weights, annotates conv2d and linear only) or
-  ``"qref"`` (:class:`qref.quantizers.QrefQuantizer`; int8/uint8, symmetric or affine
-  activations with a MinMax / Histogram / MovingAverage observer, reduced range, per-channel
-  or per-tensor weights, derived int32 biases; annotates every conv kind, linear, add, cat,
-  pools and flatten).
+  ``"qref"`` (:class:`qref.quantizers.QrefQuantizer`; uint8/int8/int16, symmetric or affine
+  activations with a MinMax / Histogram / MovingAverage observer on a full, reduced or narrow
+  range, int8 weights on [-127, 127], [-128, 127] or [-64, 63], per-tensor or per-channel on the
+  output- or input-channel axis, derived int32 biases, dynamically quantized Linear inputs, int16
+  layers among int8 ones; annotates every conv kind, linear, add, cat, pools and flatten).
 * fx: a ``QConfigMapping`` plus the engine's ``BackendConfig`` -- ``"default"`` (torch's
   ``get_default_qconfig_mapping(engine)`` / ``get_default_qat_qconfig_mapping(engine)``) or
   ``"custom"`` (that mapping with its global qconfig replaced by one built from the drawn
@@ -54,6 +55,11 @@ PLACEHOLDER = "placeholder"
 # pack float16 weights (convert_fx raises "linear_prepack_fp16 is currently not supported by
 # QNNPACK"; tests/test_fx_dynamic.py pins both)
 FLOAT16_ENGINES = ("fbgemm", "x86")
+# pt2e "qref" setups: int8 weight ranges (None: QrefQuantizer's [-127, 127]) and per-channel axes
+WEIGHT_QRANGES = (None, (-128, 127), (-64, 63))
+WEIGHT_AXES = ("output", "input")
+# the fields only the pt2e "qref" setups draw, and their defaults
+_QREF_ONLY = dict(narrow_range=False, weight_qrange=None, weight_axis="output", dynamic=False, int16_layers=())
 # engines whose kernels require reduce_range=True activations (7-bit, to avoid overflow)
 _REDUCE_RANGE_ENGINES = ("fbgemm", "x86")
 # torch has no get_x86_backend_config: its "x86" FX flow uses the native backend config
@@ -74,6 +80,14 @@ class QuantSetup:
     observer: str = "histogram"  # activations: "minmax" | "histogram" | "moving_average"
     engine: str | None = None  # fx only
     reduce_range: bool = False  # activations use half the integer range
+    # -- pt2e "qref" setups only (every other setup keeps these defaults) --
+    # activations drop the dtype's most negative value (signed: [-127, 127], [-32767, 32767]; with
+    # reduce_range [-63, 63]) or, unsigned, its largest ([0, 254]; with reduce_range [0, 126])
+    narrow_range: bool = False
+    weight_qrange: tuple | None = None  # int8 weights: None is [-127, 127]; (-128, 127), (-64, 63)
+    weight_axis: str = "output"  # per-channel weights: "output" channels, or "input" channels
+    dynamic: bool = False  # Linear inputs quantized at run time (choose_qparams), outputs float
+    int16_layers: tuple = ()  # conv/linear ops (graph order) with int16 activations, others act_dtype
 
     def __post_init__(self) -> None:
         fixed = self.fixed_fields()
@@ -89,16 +103,43 @@ class QuantSetup:
             raise ValueError(f"bad observer/act_dtype: {self.observer!r}/{self.act_dtype!r}")
         if self.qat and self.observer == "histogram":
             raise ValueError("QAT fake-quants use minmax or moving_average observers")
+        self._check_qref_fields()
+
+    def _check_qref_fields(self) -> None:
+        """The fields only the pt2e "qref" setups draw: their defaults elsewhere, legal values there."""
+        drawn = {f: getattr(self, f) for f, default in _QREF_ONLY.items() if getattr(self, f) != default}
+        if drawn and (self.flow, self.kind) != ("pt2e", "qref"):
+            raise ValueError(f"{self.flow}/{self.kind} setup fixes {dict((f, _QREF_ONLY[f]) for f in drawn)}")
+        if self.weight_qrange not in WEIGHT_QRANGES:
+            raise ValueError(f"weight_qrange must be one of {WEIGHT_QRANGES}, not {self.weight_qrange!r}")
+        if self.weight_axis not in WEIGHT_AXES:
+            raise ValueError(f"weight_axis must be one of {WEIGHT_AXES}, not {self.weight_axis!r}")
+        if self.weight_axis != "output" and not self.per_channel:
+            raise ValueError("a weight axis other than the output channels needs per-channel weights")
+        if (self.dynamic or self.int16_layers) and self.act_dtype not in ("int8", "uint8"):
+            raise ValueError("dynamic and int16 layers go with uint8/int8 activations")
+        if tuple(sorted(set(self.int16_layers))) != tuple(self.int16_layers) or any(
+                not isinstance(i, int) or i < 0 for i in self.int16_layers):
+            raise ValueError(f"int16_layers: increasing layer indices, not {self.int16_layers!r}")
+
+    def __repr__(self) -> str:
+        """Rebuilds the setup; the fields only pt2e "qref" setups draw appear when they are not
+        their defaults."""
+        import dataclasses
+
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                 if f.name not in _QREF_ONLY or getattr(self, f.name) != _QREF_ONLY[f.name]]
+        return f"QuantSetup({', '.join(shown)})"
 
     def fixed_fields(self) -> dict:
         """Fields the flow/quantizer/engine decide (they must have these values)."""
         if self.flow == "pt2e":
             if self.kind == "x86":
                 return dict(engine=None, act_dtype="uint8", symmetric=False, reduce_range=False,
-                            observer="moving_average" if self.qat else "histogram")
+                            observer="moving_average" if self.qat else "histogram", **_QREF_ONLY)
             if self.kind == "arm":  # int8 affine activations, per-tensor symmetric weights
                 return dict(engine=None, act_dtype="int8", symmetric=False, reduce_range=False, per_channel=False,
-                            observer="moving_average" if self.qat else "histogram")
+                            observer="moving_average" if self.qat else "histogram", **_QREF_ONLY)
             return dict(engine=None)
         if self.flow != "fx":
             raise ValueError(f"flow must be 'pt2e' or 'fx', not {self.flow!r}")
@@ -171,15 +212,21 @@ class QuantSetup:
         if self.flow == "pt2e" and self.kind == "x86":
             return f"pt2e x86 {'QAT' if self.qat else 'PTQ'} {'per-channel' if self.per_channel else 'per-tensor'}"
         parts = [self.flow, self.kind, self.engine or "", "QAT" if self.qat else "PTQ",
-                 "per-channel" if self.per_channel else "per-tensor", self.act_dtype,
+                 "per-channel" if self.per_channel else "per-tensor",
+                 "input-channel axis" if self.weight_axis == "input" else "",
+                 f"weights [{self.weight_qrange[0]}, {self.weight_qrange[1]}]" if self.weight_qrange else "",
+                 self.act_dtype, f"int16 layers {list(self.int16_layers)}" if self.int16_layers else "",
+                 "dynamic linear" if self.dynamic else "",
                  "sym" if self.symmetric else "affine", self.observer,
-                 "reduce_range" if self.reduce_range else ""]
+                 "reduce_range" if self.reduce_range else "", "narrow" if self.narrow_range else ""]
         return " ".join(p for p in parts if p)
 
-    def _act_range(self) -> tuple[int, int]:
-        lo, hi = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-(2**15), 2**15 - 1)}[self.act_dtype]
+    def _act_range(self, dtype: str | None = None) -> tuple[int, int]:
+        lo, hi = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-(2**15), 2**15 - 1)}[dtype or self.act_dtype]
         if self.reduce_range:  # one bit less
             lo, hi = lo // 2, hi // 2
+        if self.narrow_range:  # the dtype's most negative value unused (unsigned: its largest)
+            lo, hi = (lo + 1, hi) if lo < 0 else (lo, hi - 1)
         return lo, hi
 
     def _pt2e_source(self) -> str:
@@ -198,14 +245,31 @@ class QuantSetup:
         if self.qat:
             act, weight = (f"FakeQuantize.with_args(observer={act_obs})",
                            f"FakeQuantize.with_args(observer={w_obs})")
-            names = sorted({"FakeQuantize", act_obs, w_obs})
+            names = {"FakeQuantize", act_obs, w_obs}
         else:
-            act, weight, names = act_obs, w_obs, sorted({act_obs, w_obs})
+            act, weight, names = act_obs, w_obs, {act_obs, w_obs}
         lo, hi = self._act_range()
         scheme = "per_tensor_symmetric" if self.symmetric else "per_tensor_affine"
+        w_lo, w_hi = self.weight_qrange or (-127, 127)
+        extra = ""
+        if self.weight_axis != "output":
+            extra += f"    weight_axis={self.weight_axis!r},  # one scale per input channel; their biases stay float\n"
+        if self.dynamic:
+            if self.qat:  # as XNNPACKQuantizer's dynamic QAT config
+                dynamic = "FakeQuantize.with_args(observer=MovingAverageMinMaxObserver.with_args(averaging_constant=1))"
+                names |= {"FakeQuantize", "MovingAverageMinMaxObserver"}
+            else:
+                dynamic = "PlaceholderObserver"
+                names.add("PlaceholderObserver")
+            extra += ("    dynamic_linear=True,  # linear inputs: choose_qparams at run time; outputs float\n"
+                      f"    dynamic_ctr={dynamic},\n")
+        if self.int16_layers:
+            wide_lo, wide_hi = self._act_range("int16")
+            extra += (f"    wide_layers={tuple(self.int16_layers)!r},  # these conv/linear ops: int16 activations\n"
+                      f"    wide_dtype=torch.int16,\n    wide_qmin={wide_lo},\n    wide_qmax={wide_hi},\n")
         return (
             "import torch\n"
-            f"from torchao.quantization.pt2e import {', '.join(names)}\n\n"
+            f"from torchao.quantization.pt2e import {', '.join(sorted(names))}\n\n"
             "from qref.quantizers import QrefQuantizer, QrefQuantizerConfig\n\n"
             "quantizer = QrefQuantizer(QrefQuantizerConfig(\n"
             f"    act_dtype=torch.{self.act_dtype},\n"
@@ -213,7 +277,10 @@ class QuantSetup:
             f"    act_qmax={hi},\n"
             f"    act_qscheme=torch.{scheme},\n"
             f"    act_ctr={act},\n"
-            f"    weight_ctr={weight},  # {'per-channel' if self.per_channel else 'per-tensor'} symmetric int8 [-127, 127]\n"
+            f"    weight_qmin={w_lo},\n"
+            f"    weight_qmax={w_hi},\n"
+            f"    weight_ctr={weight},  # {'per-channel' if self.per_channel else 'per-tensor'} symmetric int8\n"
+            + extra +
             f"    is_qat={self.qat},\n"
             "))\n"
         )
@@ -301,16 +368,13 @@ def quant_setups(draw, flow: str, qat: bool | None = None, engine: str | None = 
         if not choices:
             raise ValueError(f"no pt2e quantizer prepares and quantizes {model!r}")
         kind = draw(st.sampled_from(sorted({k for k, _ in choices}, key=PT2E_QUANTIZERS.index)), label="quantizer")
-        per_channel = draw(st.sampled_from([pc for k, pc in choices if k == kind]), label="per_channel")
+        per_channels = [pc for k, pc in choices if k == kind]
+        if kind == "qref" and per_channels == [False, True]:
+            per_channels = [False, True, True]  # qref's per-channel weights also draw their axis
+        per_channel = draw(st.sampled_from(per_channels), label="per_channel")
         if kind in ("x86", "arm"):
             return QuantSetup("pt2e", qat, kind, per_channel, **_fixed_pt2e(kind, qat))
-        return QuantSetup(
-            "pt2e", qat, "qref", per_channel,
-            act_dtype=draw(st.sampled_from(["int8", "uint8", "int16"]), label="act_dtype"),
-            symmetric=draw(st.booleans(), label="symmetric"),
-            observer=draw(st.sampled_from(observers), label="observer"),
-            reduce_range=draw(st.booleans(), label="reduce_range"),
-        )
+        return draw(_qref_setups(qat, per_channel, observers, model))
     if flow != "fx":
         raise ValueError(f"flow must be 'pt2e' or 'fx', not {flow!r}")
     engines = [engine] if engine is not None else _fx_engines()
@@ -331,6 +395,54 @@ def quant_setups(draw, flow: str, qat: bool | None = None, engine: str | None = 
         engine=e,
         reduce_range=True if e in _REDUCE_RANGE_ENGINES else draw(st.booleans(), label="reduce_range"),
     )
+
+
+@st.composite
+def _qref_setups(draw, qat: bool, per_channel: bool, observers: list, model=None) -> QuantSetup:
+    """A pt2e QrefQuantizer setup: activation dtype, scheme, observer and range (full, reduced,
+    narrow), int8 weight range and per-channel axis, dynamically quantized linears and int16
+    layers among int8 ones (the simplest choice first everywhere: failures shrink to it)."""
+    has_linear = model is None or bool(model.ops & {"linear", "attention"})
+    # each new choice is made in two draws of three (simplest first), the others half the time:
+    # Hypothesis draws the simplest value more often than its share, and each of these shows
+    # only on some models (a Linear, two weighted ops), yet must be seen within the quick budget
+    more_often = [False, True, True]
+    dynamic = draw(st.sampled_from(more_often), label="dynamic linear") and has_linear  # first: 8-bit then
+    act_dtype = draw(st.sampled_from(["int8", "uint8"] + ([] if dynamic else ["int16"])), label="act_dtype")
+    eight_bit = act_dtype != "int16"
+    return QuantSetup(
+        "pt2e", qat, "qref", per_channel,
+        act_dtype=act_dtype,
+        symmetric=draw(st.booleans(), label="symmetric"),
+        observer=draw(st.sampled_from(observers), label="observer"),
+        reduce_range=draw(st.booleans(), label="reduce_range"),
+        narrow_range=draw(st.booleans(), label="narrow_range"),
+        weight_qrange=draw(st.sampled_from(WEIGHT_QRANGES), label="weight_qrange"),
+        weight_axis=draw(st.sampled_from(["output", "input", "input"]), label="weight_axis") if per_channel else "output",
+        dynamic=dynamic,
+        # drawn whatever the dtype, so that int8 stays simpler than int16 when shrinking
+        int16_layers=layers if (layers := draw(_int16_layers(model), label="int16_layers")) and eight_bit else (),
+    )
+
+
+def _weighted_ops(model) -> int:
+    """About how many conv / linear ops ``model`` (a ModelSpec) exports (an attention block: 4)."""
+    if model is None:
+        return 3
+    kinds = [type(layer).__name__ for layer in model.all_layers()]
+    return max(1, kinds.count("Conv") + kinds.count("Linear") + 4 * kinds.count("Attention"))
+
+
+@st.composite
+def _int16_layers(draw, model=None) -> tuple:
+    """None, or some of the conv / linear ops with int16 activations: never all of them when
+    there are several, so that int8 and int16 meet in the graph."""
+    if not draw(st.sampled_from([False, True, True]), label="int16 layers"):
+        return ()
+    n = _weighted_ops(model)
+    layers = draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=max(1, n - 1), unique=True),
+                  label="int16 layer indices")
+    return tuple(sorted(layers))
 
 
 def _fixed_pt2e(kind: str, qat: bool) -> dict:

@@ -216,6 +216,24 @@ _ALL = [
            "QAT conv-bn fold uses BatchNorm's default eps 1e-5 instead of the graph's eps (torchao 0.18's "
            "_fold_conv_bn_qat takes it from its replacement pattern's literal)",
            ("conv_bn_relu", "qref_int8_sym_qat", True), "test_qat_fold_uses_the_graphs_bn_eps"),
+    # --- pt2e: quantization ranges, weight axes, dynamic and mixed-dtype graphs ----------------
+    _pt2e("clamps_to_dtype_range", "quant-range-clamp",
+          "activation quantizes clamp to the dtype's full range instead of the spec's quant_min/"
+          "quant_max (a kernel that reads only the dtype); shows on narrow and reduced ranges",
+          ("linear", "qref_int8_narrow", False)),
+    _pt2e("weight_axis_assumed_zero", "per-channel-weight-axis",
+          "per-channel weights whose axis is not 0 (input channels; a ConvTranspose's output "
+          "channels) are quantized per channel of axis 0, scales recomputed there (the spec's ch_axis "
+          "ignored, cf. torchao's prepare dropping ch_axis for non-PerChannel class names)",
+          ("conv_bn_relu", "qref_weight_input_axis", False)),
+    _pt2e("one_activation_dtype", "mixed-activation-dtypes",
+          "every activation is quantized with the first quantize's dtype and range, so int16 "
+          "layers among int8 ones lose their dtype and the requantization at each boundary",
+          ("mlp", "qref_mixed_int16", False)),
+    _pt2e("dynamic_qparams_frozen", "dynamic-qparams-frozen",
+          "dynamically quantized activations keep the qparams choose_qparams gave on the first call "
+          "(folded as if constant) instead of choosing them on every call",
+          ("mlp", "qref_dynamic_linear", False)),
 ]
 
 MUTANTS: dict[str, Mutant] = {m.name: m for m in _ALL}

@@ -16,7 +16,7 @@ import torch
 import qref
 import qref.pt2e.fold_qat_bn as _fold_qat_bn
 from qref.observers import is_observer
-from qref.pt2e.ops import DEQUANTIZE, QUANTIZE, is_call, schema_arguments
+from qref.pt2e.ops import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE, is_call, schema_arguments
 
 from ._graph import (
     activation_quantizes,
@@ -412,3 +412,79 @@ def fold_quantize_ignored(model, use_reference_representation=False, fold_quanti
 def reference_representation_ignored(model, use_reference_representation=False, fold_quantize=True):
     """use_reference_representation is ignored: the q/dq form is always returned."""
     return qref.convert_pt2e(model, use_reference_representation=False, fold_quantize=fold_quantize)
+
+
+# --- quantization ranges, weight axes, dynamic and mixed-dtype graphs -----------------------------
+
+
+def quantize_dtype_range(input, scale, zero_point, quant_min, quant_max, dtype):
+    """quantize_per_tensor clamping to the dtype's full range, whatever quant_min/quant_max say."""
+    info = torch.iinfo(dtype)
+    return reference_quantize(input, scale, zero_point, info.min, info.max, dtype)
+
+
+def clamps_to_dtype_range(model, use_reference_representation=False, fold_quantize=True):
+    """Activation quantizes clamp to the dtype's range, not the spec's quant_min/quant_max (a kernel reading only the dtype)."""
+    edit = _retarget_activation_quantizes(quantize_dtype_range)
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+def weight_axis_assumed_zero(model, use_reference_representation=False, fold_quantize=True):
+    """Per-channel weights off axis 0 are quantized per channel of axis 0 (scales recomputed there: the spec's axis ignored)."""
+
+    def edit(gm):
+        for q in weight_quantizes(gm):
+            a = schema_arguments(q)
+            if a["axis"] == 0:
+                continue
+            w = attr(gm, a["input"])
+            bound = w.detach().abs().amax(dim=tuple(range(1, w.dim())))  # symmetric, per row of axis 0
+            scale = torch.clamp(bound / ((a["quant_max"] - a["quant_min"]) / 2), min=2**-12)
+            names = []
+            for prefix, value in (("_axis0_scale_", scale), ("_axis0_zero_point_", torch.zeros_like(scale).long())):
+                names.append(f"{prefix}{len([b for b in dict(gm.named_buffers()) if b.startswith(prefix)])}")
+                gm.register_buffer(names[-1], value)
+            with gm.graph.inserting_before(q):
+                scale_node, zp_node = (gm.graph.get_attr(n) for n in names)
+            for node in [q, *dequantizes_of(q)]:
+                set_args(node, scales=scale_node, zero_points=zp_node, axis=0)
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+def one_activation_dtype(model, use_reference_representation=False, fold_quantize=True):
+    """Every activation is quantized with the first quantize's dtype and range (one activation dtype assumed per graph)."""
+
+    def edit(gm):
+        quantizes = activation_quantizes(gm)
+        if not quantizes:
+            return
+        first = schema_arguments(quantizes[0])
+        for q in quantizes[1:]:
+            for node in [q, *dequantizes_of(q)]:
+                set_args(node, dtype=first["dtype"], quant_min=first["quant_min"], quant_max=first["quant_max"])
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+def _computed_once(choose_qparams):
+    """``choose_qparams`` evaluated on the first call only; every later call gets that result."""
+    first = []
+
+    def choose_qparams_once(*args):
+        if not first:
+            first.append(choose_qparams(*args))
+        return first[0]
+
+    return choose_qparams_once
+
+
+def dynamic_qparams_frozen(model, use_reference_representation=False, fold_quantize=True):
+    """Dynamic activations keep the qparams chosen on the first call (choose_qparams folded as if constant)."""
+
+    def edit(gm):
+        for node in gm.graph.nodes:
+            if is_call(node, CHOOSE_QPARAMS):
+                node.target = _computed_once(node.target)
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
