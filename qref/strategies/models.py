@@ -1019,7 +1019,7 @@ def _two_inputs(draw, shape: tuple, ctx: _Ctx) -> list:
     if join == "cat":
         other = (shape[0], draw(st.integers(1, MAX_CHANNELS // 2), label="second input channels"), *spatial)
     body: list = []
-    if not draw(st.booleans(), label="second input branch is identity"):
+    if draw(st.booleans(), label="second input branch"):  # simplest: none (the identity)
         if spatial:
             body.append(draw(_conv(other, ctx, keep_shape=True, transpose=False), label="second input conv"))
         else:
@@ -1134,10 +1134,12 @@ def _ops_spec(draw, ctx: _Ctx, kinds, fixed_qparams: bool = False) -> ModelSpec:
 
 def _kinds(kinds, ctx: _Ctx) -> list:
     """The block kinds of ``kinds`` (default: PATTERN_KINDS) in their canonical order; the graph
-    kinds only where named."""
+    kinds only where named.  No embedding in FX QAT: its qconfigs give nn.Embedding a per-channel
+    symmetric weight, which torch's QAT Embedding refuses (per_channel_affine_float_qparams only)."""
     if kinds is None:
         return list(PATTERN_KINDS)
-    return [k for k in PATTERN_KINDS + GRAPH_KINDS if k in kinds]
+    return [k for k in PATTERN_KINDS + GRAPH_KINDS
+            if k in kinds and not (k == "embedding" and ctx.flow == "fx" and ctx.qat)]
 
 
 @st.composite
