@@ -424,6 +424,47 @@ def check_bn_eps_default(w: FxWitness):
     assert [m.eps for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] == eps
 
 
+def _placeholder_qparams(gm) -> list:
+    return [(schema_arguments(q)["scale"], schema_arguments(q)["zero_point"])
+            for q in activation_quantizes(gm) if q.args[0].op == "placeholder"]
+
+
+def check_every_graph_input_gets_first_qparams(w: Pt2eWitness):
+    ours, theirs = _placeholder_qparams(w.ours), _placeholder_qparams(w.theirs)
+    assert len(ours) == 2 and ours[0] != ours[1], "the witness's two inputs have their own qparams"
+    assert theirs == [ours[0], ours[0]]
+    assert w.outputs_differ()
+    assert w.same_elsewhere("residual_add")  # one graph input: nothing to get wrong
+
+
+def _outputs(gm) -> tuple:
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    return tuple(output.args[0])
+
+
+def check_later_outputs_left_float(w: Pt2eWitness):
+    assert all(is_call(o, DEQUANTIZE) for o in _outputs(w.ours)) and len(_outputs(w.ours)) == 2
+    first, second = _outputs(w.theirs)
+    assert is_call(first, DEQUANTIZE) and not is_call(second, DEQUANTIZE)
+    with torch.no_grad():
+        batch = inputs(w.model_name, 0)
+        (ours_h, ours_y), (theirs_h, theirs_y) = w.ours(*batch), w.theirs(*batch)
+    assert torch.equal(ours_h, theirs_h) and not torch.equal(ours_y, theirs_y)
+    assert w.same_elsewhere("conv_bn_relu")  # one output
+
+
+def check_embedding_zero_points_rounded(w: Pt2eWitness):
+    def table_zero_points(gm):
+        (lookup,) = [n for n in gm.graph.nodes if is_call(n, (torch.ops.aten.embedding.default,))]
+        return attr(gm, lookup.args[0].args[2])
+
+    ours, theirs = table_zero_points(w.ours), table_zero_points(w.theirs)
+    assert ours.dtype.is_floating_point and not torch.equal(ours, ours.round()), "float zero points"
+    assert torch.equal(theirs, ours.round())
+    assert w.outputs_differ()
+    assert w.same_elsewhere("linear")  # an affine weight's zero points are integers already
+
+
 PLANTED = {
     "round_half_away": check_round_half_away,
     "saturation_wraps": check_saturation_wraps,
@@ -456,6 +497,9 @@ PLANTED = {
     "fixed_qparams_recomputed": check_fixed_qparams_recomputed,
     "second_input_reads_first_qparams": check_second_input_reads_first_qparams,
     "fixed_qparams_requantized": check_fixed_qparams_requantized,
+    "every_graph_input_gets_first_qparams": check_every_graph_input_gets_first_qparams,
+    "later_outputs_left_float": check_later_outputs_left_float,
+    "embedding_zero_points_rounded": check_embedding_zero_points_rounded,
 }
 
 
