@@ -13,7 +13,9 @@ call returns a deep copy, so a converter may mutate it):
   setup's ``QConfigMapping`` and ``BackendConfig``, then calibration; QAT models are put in
   eval mode afterwards (as ``fixtures.fx_setups`` does).
 
-Calibration tensors are built from a few drawn floats (a drawn base of 1-8 values, an
+Every graph input of the spec (``spec.input_shapes``) gets its own draws, as many batches each;
+an index input (``spec.index_ranges``: an embedding reads it) gets token ids below its
+``num_embeddings`` instead of floats.  Calibration tensors are built from a few drawn floats (a drawn base of 1-8 values, an
 amplitude and an offset, spread over the tensor by a drawn index seed), so they shrink to
 constant and zero tensors.  Evaluation inputs are: fresh values inside the calibrated range,
 the same values x4..x100 (outside it: saturation), all zeros, and half-steps of a power of two

@@ -56,8 +56,8 @@ from hypothesis import strategies as st
 
 __all__ = [
     "Conv", "BatchNorm", "Linear", "Act", "Pool", "Flatten", "Residual", "Cat", "MatMul", "Softmax", "LayerNorm",
-    "Attention", "Shared", "ExtraInput", "AlsoOutput", "Embedding", "ModelSpec", "model_specs", "conv_bn_specs", "fixed_qparams_specs", "TIERS", "PATTERN_KINDS",
-    "SEQUENCE_KINDS", "GRAPH_KINDS", "PT2E_ONLY_OPS",
+    "Attention", "Shared", "ExtraInput", "AlsoOutput", "Embedding", "ModelSpec", "model_specs", "conv_bn_specs",
+    "fixed_qparams_specs", "TIERS", "PATTERN_KINDS", "SEQUENCE_KINDS", "GRAPH_KINDS", "PT2E_ONLY_OPS",
 ]
 
 TIERS = ("ops", "patterns", "models")
@@ -121,6 +121,10 @@ class Layer(_Node):
     def ops_drawn(cls) -> tuple:
         """Every ``op`` a layer of this kind can have (what a run's coverage is measured on)."""
         return (cls.op,)
+
+    def ops_used(self) -> tuple:
+        """Its ops in ModelSpec.ops (a kind that joins with another op names that one too)."""
+        return (self.op,)
 
     def output_shape(self, shape: tuple) -> tuple:
         """The shape rule: the output shape on an input of ``shape`` (SpecError if invalid)."""
@@ -522,6 +526,9 @@ class ExtraInput(Layer):
     def branches(self) -> tuple:
         return (self.body,)
 
+    def ops_used(self) -> tuple:
+        return (self.op, self.join)
+
     def output_shape(self, shape: tuple) -> tuple:
         if self.join not in self.JOINS or len(self.shape) < 2:
             raise SpecError(f"{self!r}: join must be one of {self.JOINS}, on an input with a channel dim")
@@ -750,7 +757,7 @@ class ModelSpec(_Node):
     @property
     def ops(self) -> frozenset:
         """Coarse op families, named like ``fixtures.zoo.ZooModel.ops``."""
-        return frozenset(layer.op for layer in _walk(self.layers))
+        return frozenset(op for layer in _walk(self.layers) for op in layer.ops_used())
 
     def adjacent(self) -> list:
         """Every (layer, next layer) pair of every layer sequence, nested ones included."""
