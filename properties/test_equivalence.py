@@ -267,11 +267,15 @@ def test_reference_representation_matches_reference(subject, case):
                            f"{result.outputs_message()}{allowance}", comparison=result)
 
 
-def _fx_matches_reference(subject, case):
+def _fx_matches_reference(subject, case, premise=None):
     """Every lowered module's and op's output is a point (``qref.compare``: quantized in,
-    quantized out), with its qparams, besides the quantizes left in the graph and the outputs."""
+    quantized out), with its qparams, besides the quantizes left in the graph and the outputs.
+    ``premise``: as for :func:`_pt2e_matches_reference`."""
     with qref.use_engine(case.setup.engine, threads=1):
         reference = subject.reference(case)
+        if premise is not None and not premise[0](reference):
+            subject.not_compared(premise[1])
+            reject()
         candidate = subject.convert(case)
         result = compare(reference, candidate, case.inputs, subject.tolerance(EXACT))
     subject.record.lsb(result.max_lsb)
@@ -294,6 +298,24 @@ def test_fx_fixed_qparams_op_matches_reference(subject, case):
 @prop("fx", "patterns")
 def test_fx_pattern_matches_reference(subject, case):
     _fx_matches_reference(subject, case)
+
+
+@prop("fx", "patterns", kinds=("two_inputs",))
+def test_fx_two_input_graph_matches_reference(subject, case):
+    """Always a second graph input joined later, the lowered model quantizing the two graph
+    inputs with their own qparams."""
+    _fx_matches_reference(subject, case, premise=(_fx_graph_inputs_quantized_apart,
+                                                  "no two graph inputs quantized apart"))
+
+
+def _fx_graph_inputs_quantized_apart(gm) -> bool:
+    """Two placeholders quantized (``torch.quantize_per_tensor`` on attributes) with other qparams."""
+    qparams = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.quantize_per_tensor and node.args[0].op == "placeholder":
+            scale, zero_point = (getattr(gm, a.target) if isinstance(a, torch.fx.Node) else a for a in node.args[1:3])
+            qparams.add((float(scale), int(zero_point)))
+    return len(qparams) >= 2
 
 
 @prop("fx", "patterns", kinds=GRAPH_KINDS)

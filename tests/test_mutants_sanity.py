@@ -9,6 +9,7 @@ would make the property suite look stronger than it is.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import itertools
 
@@ -465,6 +466,21 @@ def check_embedding_zero_points_rounded(w: Pt2eWitness):
     assert w.same_elsewhere("linear")  # an affine weight's zero points are integers already
 
 
+def _fx_input_qparams(gm) -> list:
+    return [tuple(float(getattr(gm, a.target)) for a in n.args[1:3]) for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is torch.quantize_per_tensor and n.args[0].op == "placeholder"]
+
+
+def check_fx_every_graph_input_gets_first_qparams(w: FxWitness):
+    ours, theirs = w.both()
+    assert len(_fx_input_qparams(ours)) == 2 and len(set(_fx_input_qparams(ours))) == 2
+    assert _fx_input_qparams(theirs) == [_fx_input_qparams(ours)[0]] * 2
+    assert not _same(_run(ours, w.batches()), _run(theirs, w.batches()))
+    one_input = FxWitness(dataclasses.replace(w.mutant, witness=("conv_bn_relu", "fbgemm", False)))
+    ours, theirs = one_input.both()
+    assert _same(_run(ours, one_input.batches()), _run(theirs, one_input.batches()))
+
+
 PLANTED = {
     "round_half_away": check_round_half_away,
     "saturation_wraps": check_saturation_wraps,
@@ -500,6 +516,7 @@ PLANTED = {
     "every_graph_input_gets_first_qparams": check_every_graph_input_gets_first_qparams,
     "later_outputs_left_float": check_later_outputs_left_float,
     "embedding_zero_points_rounded": check_embedding_zero_points_rounded,
+    "fx_every_graph_input_gets_first_qparams": check_fx_every_graph_input_gets_first_qparams,
 }
 
 

@@ -181,6 +181,11 @@ _ALL = [
         "lowered sigmoid/tanh outputs requantized to a min/max observer's scale for their range "
         "(range / 255) instead of their fixed qparams (range / 256)",
         ("sigmoid_tanh", "fbgemm", False), EQUIVALENCE),
+    Mutant("fx_every_graph_input_gets_first_qparams", "fx", "tests.mutants.fx:every_graph_input_gets_first_qparams",
+           "fx-multi-graph-input-qparams",
+           "every graph input of the lowered model is quantized with the first graph input's scale and zero "
+           "point (a converter written for models of one input); shows only on a second input",
+           ("two_inputs", "fbgemm", False), "test_fx_two_input_graph_matches_reference"),
     # --- compared where it was promised (tests/mutants/verdicts.py) ---------------------------
     Mutant("inner_scale_hidden", "fx", "tests.mutants.verdicts:inner_scale_hidden", "fx-inner-module-qparams",
            "inner lowered modules' output scale * (1 + 2**-20) (qparams recomputed with another float "
