@@ -570,10 +570,10 @@ def test_two_input_cases_calibrate_and_evaluate_every_input(flow):
         for args in case.calibration + case.inputs:
             assert tuple(tuple(t.shape) for t in args) == shapes
         assert len(case.inputs) == len(case.input_labels) == 4
-        prepared = case.prepared()
-        with torch.no_grad():
+        with torch.no_grad():  # a copy: running the prepared model moves its observers
             for args in case.inputs:
-                prepared(*args)
+                case.prepared()(*args)
+        prepared = case.prepared()
         apart = _placeholders_quantized_apart(prepared)
         if apart:  # ties of each input's own scale: (k + 1/2) * scale
             from qref.strategies.cases import _input_qparams

@@ -375,38 +375,41 @@ def _evaluation(draw, shape: tuple, calibration: list, input_qparams) -> tuple:
     return tuple(l for l, _ in labelled), tuple((t,) for _, t in labelled)
 
 
-@st.composite
 def _calibration(draw, spec: ModelSpec) -> list:
     """Per graph input, its calibration tensors (as many for every input): float inputs as
     :func:`calibration_batches` draws them (each input its own amplitude and edge), index inputs
-    as token ids below the input's ``num_embeddings``."""
-    from qref.strategies.architectures import _token_batch
-
+    as token ids below the input's ``num_embeddings``.  Drawn with the caller's ``draw``, and the
+    token strategies imported only for an index input: a one-float-input case draws exactly what
+    it drew before several inputs existed (Hypothesis's generation also samples the literals of
+    the project modules loaded)."""
     per_input: list = []
     for i, (shape, vocab) in enumerate(zip(spec.input_shapes, spec.index_ranges)):
         label = "calibration" if i == 0 else f"calibration of input {i}"
         n = (2, 4) if not per_input else (len(per_input[0]),) * 2
         if vocab is None:
-            per_input.append(draw(calibration_batches(shape, *n), label=label))
+            batches = calibration_batches(shape) if not per_input else calibration_batches(shape, *n)
+            per_input.append(draw(batches, label=label))
         else:
+            from qref.strategies.architectures import _token_batch
+
             count = draw(st.integers(*n), label=f"{label} batches")
             per_input.append([draw(_token_batch(shape, vocab, f"{label} {j}"), label=f"{label} {j}")
                               for j in range(count)])
     return per_input
 
 
-@st.composite
 def _evaluations(draw, spec: ModelSpec, per_input: list, prepared) -> tuple:
     """(labels, argument tuples): each graph input's four evaluation tensors (:func:`_evaluation`,
-    or token ids for an index input), the k-th of every input in the k-th tuple."""
-    from qref.strategies.architectures import _token_evaluation
-
+    or token ids for an index input), the k-th of every input in the k-th tuple (drawn with the
+    caller's ``draw``, as :func:`_calibration`)."""
     labels, tensors = [], []
     for i, (shape, vocab, calibration) in enumerate(zip(spec.input_shapes, spec.index_ranges, per_input)):
         label = "evaluation inputs" if i == 0 else f"evaluation inputs of input {i}"
         if vocab is None:
             drawn = draw(_evaluation(shape, calibration, _input_qparams(prepared, i)), label=label)
         else:
+            from qref.strategies.architectures import _token_evaluation
+
             drawn = draw(_token_evaluation(shape, vocab), label=label)
         labels.append(drawn[0])
         tensors.append([args[0] for args in drawn[1]])
@@ -437,7 +440,7 @@ def cases(draw, flow: str, tier: str = "models", qat: bool | None = None, engine
     except ValueError as error:  # no setup of this flow/engine quantizes the spec
         event(f"rejected: {error}".split(" ModelSpec")[0])
         reject()
-    per_input = draw(_calibration(spec), label="calibration")
+    per_input = _calibration(draw, spec)
     batches = tuple(zip(*per_input))
     unevaluated = Case(spec, setup, batches, (), ())
     try:
@@ -445,5 +448,5 @@ def cases(draw, flow: str, tier: str = "models", qat: bool | None = None, engine
     except Exception as error:  # noqa: BLE001 - preparation is not under test
         event(f"rejected: preparation raised {type(error).__name__}")
         reject()
-    labels, inputs = draw(_evaluations(spec, per_input, prepared), label="evaluation inputs")
+    labels, inputs = _evaluations(draw, spec, per_input, prepared)
     return Case(spec, setup, batches, inputs, labels)
