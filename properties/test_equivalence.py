@@ -29,7 +29,7 @@ import qref
 from qref.compare import EXACT, Tolerance, compare
 from qref.pt2e.ops import DEQUANTIZE, is_call, schema_arguments
 from qref.strategies import conv_bn_specs, fixed_qparams_specs
-from qref.strategies.models import SEQUENCE_KINDS
+from qref.strategies.models import GRAPH_KINDS, SEQUENCE_KINDS
 
 from ._support import prop, subject  # noqa: F401 (subject: fixture)
 
@@ -195,6 +195,45 @@ def test_shared_weights_match_reference(subject, case, fold_quantize):
     _pt2e_matches_reference(subject, case, fold_quantize)
 
 
+@prop("pt2e", "patterns", kinds=("two_inputs",), fold_quantize=st.booleans())
+def test_two_input_graph_matches_reference(subject, case, fold_quantize):
+    """Always a second graph input (maybe through its own conv / linear) joined to the first
+    later by add, cat or matmul, the two inputs quantized with their own qparams."""
+    _pt2e_matches_reference(subject, case, fold_quantize,
+                            premise=(_graph_inputs_quantized_apart, "no two graph inputs quantized apart"))
+
+
+def _graph_inputs_quantized_apart(gm) -> bool:
+    return len(set(_graph_input_quantizes(gm).values())) >= 2
+
+
+@prop("pt2e", "patterns", kinds=("two_outputs",), fold_quantize=st.booleans())
+def test_two_output_graph_matches_reference(subject, case, fold_quantize):
+    """Always two graph outputs (an intermediate value and the final one), each compared: the
+    forward returns a tuple whose later outputs are quantized too."""
+    _pt2e_matches_reference(subject, case, fold_quantize,
+                            premise=(_later_output_quantized, "no quantized output after the first"))
+
+
+def _later_output_quantized(gm) -> bool:
+    (outputs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
+    return isinstance(outputs, (tuple, list)) and any(is_call(o, DEQUANTIZE) for o in outputs[1:])
+
+
+@prop("pt2e", "patterns", kinds=("embedding",), fold_quantize=st.booleans())
+def test_embedding_matches_reference(subject, case, fold_quantize):
+    """Always an embedding lookup on drawn integer indices whose table the quantizer quantizes
+    per row (uint8, float scales and zero points: torchao's EmbeddingQuantizer scheme), then a
+    linear; the Inductor quantizers leave the table float (such cases are drawn again)."""
+    _pt2e_matches_reference(subject, case, fold_quantize,
+                            premise=(_embedding_table_quantized, "the quantizer left the embedding table float"))
+
+
+def _embedding_table_quantized(gm) -> bool:
+    return any(is_call(n, (torch.ops.aten.embedding.default,)) and is_call(n.args[0], DEQUANTIZE)
+               for n in gm.graph.nodes)
+
+
 @prop("pt2e", "patterns", qat=True, model=conv_bn_specs(qat=True), fold_quantize=st.booleans())
 def test_qat_conv_bn_matches_reference(subject, case, fold_quantize):
     """Always a QAT conv-bn: the fold conversion does (bias, eps, running statistics, groups and
@@ -235,11 +274,15 @@ def test_reference_representation_matches_reference(subject, case):
                            f"{result.outputs_message()}{allowance}", comparison=result)
 
 
-def _fx_matches_reference(subject, case):
+def _fx_matches_reference(subject, case, premise=None):
     """Every lowered module's and op's output is a point (``qref.compare``: quantized in,
-    quantized out), with its qparams, besides the quantizes left in the graph and the outputs."""
+    quantized out), with its qparams, besides the quantizes left in the graph and the outputs.
+    ``premise``: as for :func:`_pt2e_matches_reference`."""
     with qref.use_engine(case.setup.engine, threads=1):
         reference = subject.reference(case)
+        if premise is not None and not premise[0](reference):
+            subject.not_compared(premise[1])
+            reject()
         candidate = subject.convert(case)
         result = compare(reference, candidate, case.inputs, subject.tolerance(EXACT))
     subject.record.lsb(result.max_lsb)
@@ -261,6 +304,31 @@ def test_fx_fixed_qparams_op_matches_reference(subject, case):
 
 @prop("fx", "patterns")
 def test_fx_pattern_matches_reference(subject, case):
+    _fx_matches_reference(subject, case)
+
+
+@prop("fx", "patterns", kinds=("two_inputs",))
+def test_fx_two_input_graph_matches_reference(subject, case):
+    """Always a second graph input joined later, the lowered model quantizing the two graph
+    inputs with their own qparams."""
+    _fx_matches_reference(subject, case, premise=(_fx_graph_inputs_quantized_apart,
+                                                  "no two graph inputs quantized apart"))
+
+
+def _fx_graph_inputs_quantized_apart(gm) -> bool:
+    """Two placeholders quantized (``torch.quantize_per_tensor`` on attributes) with other qparams."""
+    qparams = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.quantize_per_tensor and node.args[0].op == "placeholder":
+            scale, zero_point = (getattr(gm, a.target) if isinstance(a, torch.fx.Node) else a for a in node.args[1:3])
+            qparams.add((float(scale), int(zero_point)))
+    return len(qparams) >= 2
+
+
+@prop("fx", "patterns", kinds=GRAPH_KINDS)
+def test_fx_graph_pattern_matches_reference(subject, case):
+    """A second graph input joined later, a second graph output, or an embedding lookup on
+    integer indices (FX's mappings leave the lookup float and quantize the linear after it)."""
     _fx_matches_reference(subject, case)
 
 

@@ -17,7 +17,10 @@ from qref.strategies import (
     Act, BatchNorm, Cat, Conv, Linear, MatMul, ModelSpec, Pool, QuantSetup, Residual, cases,
     conv_bn_specs, model_specs, quant_setups,
 )
-from qref.strategies.models import SEQUENCE_KINDS, Attention, LayerNorm, Shared, Softmax, SpecError
+from qref.strategies.models import (
+    GRAPH_KINDS, PATTERN_KINDS, SEQUENCE_KINDS, AlsoOutput, Attention, Embedding, ExtraInput, Flatten, LayerNorm, Shared,
+    Softmax, SpecError,
+)
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FLOWS = [("pt2e", False), ("pt2e", True), ("fx", False), ("fx", True)]
@@ -514,3 +517,215 @@ def test_pt2e_cases_draw_a_grouped_conv_transpose_with_per_channel_weights():
     candidate = qref.convert_pt2e(copy.deepcopy(case.prepared()))
     for args in case.inputs:
         assert torch.equal(candidate(*args), expected(*args))
+# ---------------------------------------------------------------------------- graphs beyond a chain
+
+def _outputs(model, spec):
+    with torch.no_grad():
+        out = model(*spec.example_inputs())
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("tier", ["patterns", "models"])
+@pytest.mark.parametrize("flow,qat", FLOWS)
+def test_graph_specs_build_run_and_round_trip(flow, qat, tier):
+    @FAST
+    @given(model_specs(flow, tier, qat, kinds=GRAPH_KINDS + ("conv", "linear_act", "add")))
+    def check(spec):
+        model = spec.build()
+        model = model.train() if qat else model.eval()
+        assert tuple(tuple(o.shape) for o in _outputs(model, spec)) == spec.output_shapes
+        assert eval(repr(spec), _namespace()) == spec
+        ns: dict = {"__name__": "standalone"}
+        exec(spec.to_python(), ns)
+        assert f"def forward(self, {', '.join(['x'] + [f'input{i}' for i in range(1, len(spec.input_shapes))])}):" \
+            in spec.to_python()
+        rebuilt, built = ns["build_model"]().state_dict(), spec.build().state_dict()
+        assert list(rebuilt) == list(built) and all(torch.equal(rebuilt[k], v) for k, v in built.items())
+        assert _weighted(spec)
+
+    check()
+
+
+def _two_inputs(spec) -> bool:
+    return len(spec.input_shapes) > 1
+
+
+def _two_outputs(spec) -> bool:
+    return len(spec.output_shapes) > 1
+
+
+def _index_input(spec) -> bool:
+    return any(vocab is not None for vocab in spec.index_ranges)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("flow", ["pt2e", "fx"])
+@pytest.mark.parametrize("kind,shape", [("two_inputs", _two_inputs), ("two_outputs", _two_outputs),
+                                        ("embedding", _index_input)])
+def test_graph_kinds_are_drawn_within_the_quick_budget(kind, shape, flow, seed):
+    """Each graph property's specs have their shape in every one of the quick budget's examples."""
+    seen = []
+
+    @settings(max_examples=QUICK_PATTERNS, deadline=None, database=None)
+    @given(model_specs(flow, "patterns", kinds=(kind,)))
+    def collect(spec):
+        seen.append(spec)
+
+    from hypothesis import seed as hypothesis_seed
+    hypothesis_seed(seed)(collect)()
+    assert seen and all(shape(s) for s in seen), seen
+
+
+def test_graph_kinds_reach_every_join_and_branch():
+    seen = []
+
+    @settings(max_examples=80, deadline=None, database=None)
+    @given(model_specs("pt2e", "patterns", kinds=("two_inputs",)), model_specs("pt2e", "models", kinds=GRAPH_KINDS
+                                                                                + PATTERN_KINDS))
+    def collect(pattern, model):
+        seen.extend([pattern, model])
+
+    collect()
+    extra = [layer for s in seen for layer in s.all_layers() if isinstance(layer, ExtraInput)]
+    assert {layer.join for layer in extra} == set(ExtraInput.JOINS)
+    assert any(layer.body for layer in extra) and any(not layer.body for layer in extra)
+    models = seen[1::2]
+    assert any(_index_input(s) and len(s.layers) > 2 for s in models), "an embedding first, then more blocks"
+    assert any(_two_inputs(s) for s in models) and any(_two_outputs(s) for s in models)
+
+
+def test_default_kinds_keep_one_float_input_and_one_output():
+    @settings(max_examples=60, deadline=None, database=None)
+    @given(model_specs("pt2e", "models"), model_specs("fx", "patterns"))
+    def check(model, pattern):
+        for spec in (model, pattern):
+            assert spec.input_shapes == (spec.input_shape,) and spec.index_ranges == (None,)
+            assert spec.output_shapes == (spec.output_shape,)
+            assert "def forward(self, x):" in spec.to_python() and "INPUT_SHAPES" not in spec.to_python()
+
+    check()
+
+
+def test_shrinks_to_a_matmul_with_the_second_input():
+    spec = find(model_specs("pt2e", "patterns", kinds=("two_inputs",)),
+                lambda s: any(isinstance(l, ExtraInput) and l.join == "matmul" for l in s.all_layers()),
+                settings=settings(max_examples=300, database=None, derandomize=True))
+    assert spec == ModelSpec((2, 1, 1), (Conv(1, 1, dim=1), ExtraInput((2, 1, 1), join="matmul")))
+
+
+def test_shrinks_to_a_second_input_through_its_own_layer():
+    spec = find(model_specs("pt2e", "patterns", kinds=("two_inputs",)),
+                lambda s: any(isinstance(l, ExtraInput) and l.body for l in s.all_layers()),
+                settings=settings(max_examples=300, database=None, derandomize=True))
+    assert spec.layers == (Linear(1, 1), ExtraInput((2, 1), (Linear(1, 1, bias=False),)))
+
+
+def test_shrinks_to_two_outputs_around_one_layer():
+    spec = find(model_specs("pt2e", "patterns", kinds=("two_outputs",)), _two_outputs,
+                settings=settings(max_examples=300, database=None, derandomize=True))
+    assert [type(l) for l in spec.layers] == [Linear, AlsoOutput, Linear] and len(spec.input_shape) == 2
+
+
+def test_shrinks_to_one_embedding_then_linear():
+    spec = find(model_specs("pt2e", "patterns", kinds=("embedding",)), _index_input,
+                settings=settings(max_examples=300, database=None, derandomize=True))
+    assert spec == ModelSpec((2, 1), (Embedding(1, 1), Linear(1, 1)))
+
+
+def test_graph_spec_shapes_and_source():
+    spec = ModelSpec((2, 5), (Embedding(6, 4), Linear(4, 3), AlsoOutput(),
+                              ExtraInput((2, 5, 3), (Linear(3, 3),), "cat"), Linear(3, 2)))
+    assert spec.input_shapes == ((2, 5), (2, 5, 3)) and spec.index_ranges == (6, None)
+    assert spec.output_shapes == ((2, 5, 3), (2, 10, 2)) and spec.ops == {"embedding", "linear", "extra_input", "cat", "extra_output"}
+    model = spec.build().eval()
+    indices, y = torch.tensor([[0, 5, 1, 2, 3]] * 2), torch.randn(2, 5, 3)
+    h = model.fc1(model.embedding0(indices))
+    expected = model.fc3(torch.cat([h, model.fc2(y)], dim=1))
+    first, second = model(indices, y)
+    assert torch.equal(first, h) and torch.equal(second, expected)
+
+
+def test_malformed_graph_specs_are_rejected():
+    with pytest.raises(SpecError):  # an embedding reads indices, i.e. a graph input
+        ModelSpec((2, 3), (Linear(3, 4), Flatten(), Embedding(4, 2)))
+    with pytest.raises(SpecError):  # an output only at the top level
+        ModelSpec((2, 3, 4, 4), (Residual((AlsoOutput(),)),))
+    with pytest.raises(SpecError):  # added inputs must have the same shape
+        ModelSpec((2, 3, 4, 4), (ExtraInput((2, 2, 4, 4)),))
+    with pytest.raises(SpecError):
+        ModelSpec((2, 3, 4, 4), (ExtraInput((2, 3, 4, 4), join="sub"),))
+    with pytest.raises(SpecError):  # a shared layer reads no graph input
+        ModelSpec((2, 3, 4, 4), (Shared(Conv(3, 3), (ExtraInput((2, 3, 4, 4)),)),))
+
+
+def _placeholders_quantized_apart(prepared) -> bool:
+    from qref.strategies.cases import _input_qparams
+
+    qparams = [_input_qparams(prepared, i) for i in range(2)]
+    return None not in qparams and qparams[0] != qparams[1]
+
+
+@pytest.mark.parametrize("flow", ["pt2e", "fx"])
+def test_two_input_cases_calibrate_and_evaluate_every_input(flow):
+    seen = []
+
+    @settings(max_examples=10, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(cases(flow, qat=False, model=model_specs(flow, "patterns", kinds=("two_inputs",))))
+    def check(case):
+        shapes = case.spec.input_shapes
+        for args in case.calibration + case.inputs:
+            assert tuple(tuple(t.shape) for t in args) == shapes
+        assert len(case.inputs) == len(case.input_labels) == 4
+        with torch.no_grad():  # a copy: running the prepared model moves its observers
+            for args in case.inputs:
+                case.prepared()(*args)
+        prepared = case.prepared()
+        apart = _placeholders_quantized_apart(prepared)
+        if apart:  # ties of each input's own scale: (k + 1/2) * scale
+            from qref.strategies.cases import _input_qparams
+
+            scale = _input_qparams(prepared, 1)[0]
+            ties = case.inputs[3][1].double() / scale - 0.5
+            assert torch.allclose(ties, ties.round(), atol=1e-3), "ties of the second input's scale"
+        seen.append(apart)
+
+    check()
+    assert any(seen), "some case quantizes its two graph inputs with their own qparams"
+
+
+def test_embedding_cases_draw_valid_indices_and_quantize_the_table_per_row():
+    from qref.quantizers import embedding_weight_spec
+
+    seen = []
+
+    @settings(max_examples=10, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(cases("pt2e", model=model_specs("pt2e", "patterns", kinds=("embedding",))))
+    def check(case):
+        (vocab,) = case.spec.index_ranges
+        for (indices,) in case.calibration + case.inputs:
+            assert indices.dtype == torch.int64 and 0 <= int(indices.min()) and int(indices.max()) < vocab
+        prepared = case.prepared()
+        (lookup,) = [n for n in prepared.graph.nodes if n.target == torch.ops.aten.embedding.default]
+        table = lookup.args[0]
+        if case.setup.kind == "qref":
+            observer = prepared.get_submodule(table.target)
+            spec = embedding_weight_spec()
+            assert (observer.dtype, observer.qscheme, observer.ch_axis) == (spec.dtype, spec.qscheme, 0)
+            seen.append(case.setup.qat)
+        else:  # the Inductor quantizers leave the lookup float
+            assert table.op == "get_attr"
+
+    check()
+    assert seen, "qref's quantizer quantized some table"
+
+
+def test_reproducer_of_a_graph_case_runs(tmp_path):
+    spec = ModelSpec((2, 5), (Embedding(6, 4), Linear(4, 3), AlsoOutput(), ExtraInput((2, 5, 3)), Linear(3, 2)))
+    case = find(cases("pt2e", qat=False, model=st.just(spec)), lambda c: c.setup.kind == "qref",
+                settings=settings(max_examples=50, database=None))
+    script = tmp_path / "repro.py"
+    script.write_text(case.to_python("qref-pt2e"))
+    case.save_inputs(tmp_path / "inputs.pt")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "and 2 outputs: 0 LSB" in result.stdout, result.stdout  # both outputs compared, on both inputs

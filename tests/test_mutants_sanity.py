@@ -9,6 +9,7 @@ would make the property suite look stronger than it is.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import itertools
 
@@ -503,6 +504,62 @@ def check_preserved_attributes_not_recorded(w: FxWitness):
     assert not hasattr(copy.deepcopy(theirs), "my_flag"), "lost by a deepcopy"
 
 
+def _placeholder_qparams(gm) -> list:
+    return [(schema_arguments(q)["scale"], schema_arguments(q)["zero_point"])
+            for q in activation_quantizes(gm) if q.args[0].op == "placeholder"]
+
+
+def check_every_graph_input_gets_first_qparams(w: Pt2eWitness):
+    ours, theirs = _placeholder_qparams(w.ours), _placeholder_qparams(w.theirs)
+    assert len(ours) == 2 and ours[0] != ours[1], "the witness's two inputs have their own qparams"
+    assert theirs == [ours[0], ours[0]]
+    assert w.outputs_differ()
+    assert w.same_elsewhere("residual_add")  # one graph input: nothing to get wrong
+
+
+def _outputs(gm) -> tuple:
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    return tuple(output.args[0])
+
+
+def check_later_outputs_left_float(w: Pt2eWitness):
+    assert all(is_call(o, DEQUANTIZE) for o in _outputs(w.ours)) and len(_outputs(w.ours)) == 2
+    first, second = _outputs(w.theirs)
+    assert is_call(first, DEQUANTIZE) and not is_call(second, DEQUANTIZE)
+    with torch.no_grad():
+        batch = inputs(w.model_name, 0)
+        (ours_h, ours_y), (theirs_h, theirs_y) = w.ours(*batch), w.theirs(*batch)
+    assert torch.equal(ours_h, theirs_h) and not torch.equal(ours_y, theirs_y)
+    assert w.same_elsewhere("conv_bn_relu")  # one output
+
+
+def check_embedding_zero_points_rounded(w: Pt2eWitness):
+    def table_zero_points(gm):
+        (lookup,) = [n for n in gm.graph.nodes if is_call(n, (torch.ops.aten.embedding.default,))]
+        return attr(gm, lookup.args[0].args[2])
+
+    ours, theirs = table_zero_points(w.ours), table_zero_points(w.theirs)
+    assert ours.dtype.is_floating_point and not torch.equal(ours, ours.round()), "float zero points"
+    assert torch.equal(theirs, ours.round())
+    assert w.outputs_differ()
+    assert w.same_elsewhere("linear")  # an affine weight's zero points are integers already
+
+
+def _fx_input_qparams(gm) -> list:
+    return [tuple(float(getattr(gm, a.target)) for a in n.args[1:3]) for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is torch.quantize_per_tensor and n.args[0].op == "placeholder"]
+
+
+def check_fx_every_graph_input_gets_first_qparams(w: FxWitness):
+    ours, theirs = w.both()
+    assert len(_fx_input_qparams(ours)) == 2 and len(set(_fx_input_qparams(ours))) == 2
+    assert _fx_input_qparams(theirs) == [_fx_input_qparams(ours)[0]] * 2
+    assert not _same(_run(ours, w.batches()), _run(theirs, w.batches()))
+    one_input = FxWitness(dataclasses.replace(w.mutant, witness=("conv_bn_relu", "fbgemm", False)))
+    ours, theirs = one_input.both()
+    assert _same(_run(ours, one_input.batches()), _run(theirs, one_input.batches()))
+
+
 PLANTED = {
     "round_half_away": check_round_half_away,
     "saturation_wraps": check_saturation_wraps,
@@ -541,6 +598,10 @@ PLANTED = {
     "float16_weights_truncated": check_float16_weights_truncated,
     "regex_none_entries_ignored": check_regex_none_entries_ignored,
     "preserved_attributes_not_recorded": check_preserved_attributes_not_recorded,
+    "every_graph_input_gets_first_qparams": check_every_graph_input_gets_first_qparams,
+    "later_outputs_left_float": check_later_outputs_left_float,
+    "embedding_zero_points_rounded": check_embedding_zero_points_rounded,
+    "fx_every_graph_input_gets_first_qparams": check_fx_every_graph_input_gets_first_qparams,
 }
 
 

@@ -13,7 +13,9 @@ call returns a deep copy, so a converter may mutate it):
   setup's ``QConfigMapping`` and ``BackendConfig``, then calibration; QAT models are put in
   eval mode afterwards (as ``fixtures.fx_setups`` does).
 
-Calibration tensors are built from a few drawn floats (a drawn base of 1-8 values, an
+Every graph input of the spec (``spec.input_shapes``) gets its own draws, as many batches each;
+an index input (``spec.index_ranges``: an embedding reads it) gets token ids below its
+``num_embeddings`` instead of floats.  Calibration tensors are built from a few drawn floats (a drawn base of 1-8 values, an
 amplitude and an offset, spread over the tensor by a drawn index seed), so they shrink to
 constant and zero tensors.  Evaluation inputs are: fresh values inside the calibrated range,
 the same values x4..x100 (outside it: saturation), all zeros, and half-steps of a power of two
@@ -332,13 +334,13 @@ def calibration_batches(draw, shape: tuple, min_batches: int = 2, max_batches: i
     return batches
 
 
-def _input_qparams(prepared) -> tuple[float, int, int, int] | None:
-    """(scale, zero_point, quant_min, quant_max) of the observer on the model's input, if any."""
+def _input_qparams(prepared, index: int = 0) -> tuple[float, int, int, int] | None:
+    """(scale, zero_point, quant_min, quant_max) of the observer on the model's graph input
+    ``index`` (its forward argument of that position), if any."""
     from qref.observers import is_observer, kind, observer_qparams
 
-    for node in prepared.graph.nodes:
-        if node.op != "placeholder":
-            continue
+    placeholders = [node for node in prepared.graph.nodes if node.op == "placeholder"]
+    for node in placeholders[index:index + 1]:
         for user in node.users:
             module = getattr(prepared, str(user.target), None) if user.op == "call_module" else None
             if module is not None and is_observer(module) and kind(module) == "static":  # dynamic: no scale
@@ -374,6 +376,51 @@ def _evaluation(draw, shape: tuple, calibration: list, input_qparams) -> tuple:
     return tuple(l for l, _ in labelled), tuple((t,) for _, t in labelled)
 
 
+def _calibration(draw, spec: ModelSpec) -> list:
+    """Per graph input, its calibration tensors (as many for every input): float inputs as
+    :func:`calibration_batches` draws them (each input its own amplitude and edge), index inputs
+    as token ids below the input's ``num_embeddings``.  Drawn with the caller's ``draw``, and the
+    token strategies imported only for an index input: a one-float-input case draws exactly what
+    it drew before several inputs existed (Hypothesis's generation also samples the literals of
+    the project modules loaded)."""
+    per_input: list = []
+    for i, (shape, vocab) in enumerate(zip(spec.input_shapes, spec.index_ranges)):
+        label = "calibration" if i == 0 else f"calibration of input {i}"
+        n = (2, 4) if not per_input else (len(per_input[0]),) * 2
+        if vocab is None:
+            batches = calibration_batches(shape) if not per_input else calibration_batches(shape, *n)
+            per_input.append(draw(batches, label=label))
+        else:
+            from qref.strategies.architectures import _token_batch
+
+            count = draw(st.integers(*n), label=f"{label} batches")
+            per_input.append([draw(_token_batch(shape, vocab, f"{label} {j}"), label=f"{label} {j}")
+                              for j in range(count)])
+    return per_input
+
+
+def _evaluations(draw, spec: ModelSpec, per_input: list, prepared) -> tuple:
+    """(labels, argument tuples): each graph input's four evaluation tensors (:func:`_evaluation`,
+    or token ids for an index input), the k-th of every input in the k-th tuple (drawn with the
+    caller's ``draw``, as :func:`_calibration`)."""
+    labels, tensors = [], []
+    for i, (shape, vocab, calibration) in enumerate(zip(spec.input_shapes, spec.index_ranges, per_input)):
+        label = "evaluation inputs" if i == 0 else f"evaluation inputs of input {i}"
+        if vocab is None:
+            drawn = draw(_evaluation(shape, calibration, _input_qparams(prepared, i)), label=label)
+        else:
+            from qref.strategies.architectures import _token_evaluation
+
+            drawn = draw(_token_evaluation(shape, vocab), label=label)
+        labels.append(drawn[0])
+        tensors.append([args[0] for args in drawn[1]])
+    if len(labels) == 1:
+        return labels[0], tuple((t,) for t in tensors[0])
+    joined = tuple(column[0] if len(set(column)) == 1 else "; ".join(f"input {i}: {l}" for i, l in enumerate(column))
+                   for column in zip(*labels))
+    return joined, tuple(zip(*tensors))
+
+
 @st.composite
 def cases(draw, flow: str, tier: str = "models", qat: bool | None = None, engine: str | None = None,
           model=None) -> Case:
@@ -394,14 +441,13 @@ def cases(draw, flow: str, tier: str = "models", qat: bool | None = None, engine
     except ValueError as error:  # no setup of this flow/engine quantizes the spec
         event(f"rejected: {error}".split(" ModelSpec")[0])
         reject()
-    calibration = draw(calibration_batches(spec.input_shape), label="calibration")
-    batches = tuple((t,) for t in calibration)
+    per_input = _calibration(draw, spec)
+    batches = tuple(zip(*per_input))
     unevaluated = Case(spec, setup, batches, (), ())
     try:
         prepared = unevaluated.prepared()  # cached: the properties' own calls reuse it
     except Exception as error:  # noqa: BLE001 - preparation is not under test
         event(f"rejected: preparation raised {type(error).__name__}")
         reject()
-    labels, inputs = draw(_evaluation(spec.input_shape, calibration, _input_qparams(prepared)),
-                          label="evaluation inputs")
+    labels, inputs = _evaluations(draw, spec, per_input, prepared)
     return Case(spec, setup, batches, inputs, labels)

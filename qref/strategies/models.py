@@ -6,7 +6,11 @@ the last dim of a 2-D to 4-D input), ``Act`` (relu / relu6 / hardtanh, sigmoid /
 hardsigmoid whose outputs have fixed qparams, gelu / silu), ``Pool`` (max / avg), ``Flatten``,
 ``Residual`` (``x + body(x)``), ``Cat`` (two branches concatenated along channels), ``MatMul``
 (two branches multiplied as matrices), and the transformer pieces ``LayerNorm``, ``Softmax`` and
-``Attention`` (Q/K/V linears, scaled scores, softmax, output projection).
+``Attention`` (Q/K/V linears, scaled scores, softmax, output projection).  Beyond a chain on
+one input: ``ExtraInput`` (another graph input through its own layers, joined by add / cat /
+matmul), ``AlsoOutput`` (an intermediate value is a graph output too) and ``Embedding`` (a lookup
+on an integer index input); ``spec.input_shapes``, ``spec.index_ranges`` and
+``spec.output_shapes`` describe the graph's inputs and outputs.
 
 * ``repr(spec)`` is Python that rebuilds the spec (``from qref.strategies.models import *``).
 * ``spec.to_python()`` is standalone PyTorch source (``class Model``, ``init_parameters``,
@@ -52,8 +56,8 @@ from hypothesis import strategies as st
 
 __all__ = [
     "Conv", "BatchNorm", "Linear", "Act", "Pool", "Flatten", "Residual", "Cat", "MatMul", "Softmax", "LayerNorm",
-    "Attention", "Shared", "ModelSpec", "model_specs", "conv_bn_specs", "fixed_qparams_specs", "TIERS", "PATTERN_KINDS",
-    "SEQUENCE_KINDS", "PT2E_ONLY_OPS",
+    "Attention", "Shared", "ExtraInput", "AlsoOutput", "Embedding", "ModelSpec", "model_specs", "conv_bn_specs",
+    "fixed_qparams_specs", "TIERS", "PATTERN_KINDS", "SEQUENCE_KINDS", "GRAPH_KINDS", "PT2E_ONLY_OPS",
 ]
 
 TIERS = ("ops", "patterns", "models")
@@ -62,6 +66,10 @@ PATTERN_KINDS = ("conv", "conv_bn", "linear_act", "linear_bn", "add", "cat", "ma
                  "linear_seq", "attention", "shared")
 # kinds on (N, T, C) / (N, A, B, C) inputs, features last (transformer pieces)
 SEQUENCE_KINDS = ("linear_seq", "attention")
+# graph shapes beyond a chain on one float input, drawn only where ``kinds`` names them (every
+# property on the default kinds keeps one input and one output): a second graph input joined
+# later, a second graph output, an embedding lookup on an integer index input
+GRAPH_KINDS = ("two_inputs", "two_outputs", "embedding")
 # ops the strategies draw in the pt2e flow only: qref's FX reference lowers none of them yet (a
 # module called twice: torch's convert_fx lowers it to one quantized module with one output
 # scale for both calls; qref's lowering does not lower a shared module)
@@ -113,6 +121,10 @@ class Layer(_Node):
     def ops_drawn(cls) -> tuple:
         """Every ``op`` a layer of this kind can have (what a run's coverage is measured on)."""
         return (cls.op,)
+
+    def ops_used(self) -> tuple:
+        """Its ops in ModelSpec.ops (a kind that joins with another op names that one too)."""
+        return (self.op,)
 
     def output_shape(self, shape: tuple) -> tuple:
         """The shape rule: the output shape on an input of ``shape`` (SpecError if invalid)."""
@@ -496,6 +508,83 @@ class MatMul(_TwoBranches):
         return f"torch.matmul({left}, {right}.transpose(-1, -2))"
 
 
+@dataclass(frozen=True, repr=False)
+class ExtraInput(Layer):
+    """Another graph input of ``shape`` through ``body``, joined to the chain's value ``x``:
+    ``x + body(y)`` (add), ``torch.cat([x, body(y)], dim=1)`` (cat) or
+    ``torch.matmul(x, body(y).transpose(-1, -2))`` (matmul).  The model's forward takes one
+    more argument per ExtraInput, in the order the layers are written (depth first)."""
+
+    shape: tuple = ()
+    body: tuple = ()
+    join: str = "add"  # "add" | "cat" | "matmul"
+
+    op = "extra_input"
+    JOINS: ClassVar[tuple] = ("add", "cat", "matmul")  # simplest first
+
+    @property
+    def branches(self) -> tuple:
+        return (self.body,)
+
+    def ops_used(self) -> tuple:
+        return (self.op, self.join)
+
+    def output_shape(self, shape: tuple) -> tuple:
+        if self.join not in self.JOINS or len(self.shape) < 2:
+            raise SpecError(f"{self!r}: join must be one of {self.JOINS}, on an input with a channel dim")
+        other = propagate(self.body, self.shape)
+        if self.join == "add" and other == shape:
+            return shape
+        if self.join == "cat" and len(other) == len(shape) and other[:1] + other[2:] == shape[:1] + shape[2:]:
+            return (shape[0], shape[1] + other[1], *shape[2:])
+        if self.join == "matmul" and len(shape) >= 3 and other[:-2] == shape[:-2] and other[-1] == shape[-1]:
+            return (*shape[:-1], other[-2])
+        raise SpecError(f"{self!r} cannot join {other} to {shape}")
+
+    def forward(self, source: _Source, x: str) -> str:
+        other = source.emit(self.body, source.add_input())
+        if self.join == "add":
+            return f"{x} + {other}"
+        if self.join == "cat":
+            return f"torch.cat([{x}, {other}], dim=1)"
+        return f"torch.matmul({x}, {other}.transpose(-1, -2))"
+
+
+@dataclass(frozen=True, repr=False)
+class AlsoOutput(Layer):
+    """The value here is also a graph output (the identity in the chain): the forward returns
+    ``(this value, ..., the final value)``.  Only in the top-level layers of a spec."""
+
+    op = "extra_output"
+
+    def output_shape(self, shape: tuple) -> tuple:
+        return shape
+
+    def forward(self, source: _Source, x: str) -> str:
+        source.outputs.append(x)
+        return x
+
+
+@dataclass(frozen=True, repr=False)
+class Embedding(Layer):
+    """``nn.Embedding(num_embeddings, embedding_dim)`` on an integer index input ``(N, T)``:
+    ``(N, T, embedding_dim)``.  Only as the first layer on a graph input (the spec's or an
+    ExtraInput's), which is then drawn as indices in ``[0, num_embeddings)``."""
+
+    num_embeddings: int
+    embedding_dim: int
+
+    op = "embedding"
+
+    def output_shape(self, shape: tuple) -> tuple:
+        if len(shape) != 2 or self.num_embeddings < 1 or self.embedding_dim < 1:
+            raise SpecError(f"{self!r} on shape {shape}: indices are (N, T)")
+        return (*shape, self.embedding_dim)
+
+    def module_source(self) -> str:
+        return f"nn.Embedding({self.num_embeddings}, {self.embedding_dim})"
+
+
 # ---------------------------------------------------------------------------- the spec
 
 def _walk(layers):
@@ -546,6 +635,8 @@ def init_parameters(model, seed):
                 n = module.weight.numel()
                 module.weight.copy_(torch.rand(n, generator=g) + 0.5)
                 module.bias.copy_(torch.randn(n, generator=g) * 0.2)
+            elif isinstance(module, nn.Embedding):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=g))
 '''
 
 
@@ -556,6 +647,8 @@ class _Source:
         self.module_lines: list[str] = []
         self.forward_lines: list[str] = []
         self.after_init_lines: list[str] = []
+        self.inputs: list[str] = ["x"]  # the forward's arguments (ExtraInput adds one each)
+        self.outputs: list[str] = []  # values returned before the final one (AlsoOutput)
         self._names: dict[int, str] = {}  # id(layer) -> its module's name
         self._reuse = False
 
@@ -578,6 +671,11 @@ class _Source:
         self.after_init_lines += layer.after_init(f"model.{name}")
         return name
 
+    def add_input(self) -> str:
+        """Another argument of the forward (``input1``, ``input2``, ...); returns its name."""
+        self.inputs.append(f"input{len(self.inputs)}")
+        return self.inputs[-1]
+
     def let(self, value: str) -> str:
         """A forward line ``xN = value``; returns ``xN`` (for layers that take several lines)."""
         x = f"x{len(self.forward_lines) + 1}"
@@ -593,7 +691,8 @@ class _Source:
 
 @dataclass(frozen=True, repr=False)
 class ModelSpec(_Node):
-    """A small network: ``layers`` applied in order to one input of ``input_shape``."""
+    """A small network: ``layers`` applied in order to an input of ``input_shape`` (and to the
+    further graph inputs its ExtraInput layers read)."""
 
     input_shape: tuple
     layers: tuple
@@ -601,10 +700,55 @@ class ModelSpec(_Node):
 
     def __post_init__(self) -> None:
         propagate(self.layers, self.input_shape)  # raises SpecError for a malformed spec
+        top = set(map(id, self.layers))
+        firsts = {id(chain[0]) for chain in self._input_chains() if chain}
+        for layer in _walk(self.layers):
+            if isinstance(layer, AlsoOutput) and id(layer) not in top:
+                raise SpecError(f"{layer!r} only in a spec's top-level layers")
+            if isinstance(layer, Embedding) and id(layer) not in firsts:
+                raise SpecError(f"{layer!r} only as the first layer on a graph input")
+            if isinstance(layer, Shared) and any(isinstance(inner, (ExtraInput, AlsoOutput, Embedding))
+                                                 for inner in _walk(layer.branches[0] + layer.branches[1])):
+                raise SpecError(f"{layer!r}: a shared layer reads no graph input and is no output")
+
+    def _input_chains(self) -> list:
+        """The layer sequence each graph input goes through first, in forward argument order."""
+        return [self.layers] + [layer.body for layer in _walk(self.layers) if isinstance(layer, ExtraInput)]
+
+    @property
+    def input_shapes(self) -> tuple:
+        """One shape per graph input, in forward argument order (``input_shape`` first)."""
+        return (tuple(self.input_shape),) + tuple(tuple(layer.shape) for layer in _walk(self.layers)
+                                                  if isinstance(layer, ExtraInput))
+
+    @property
+    def index_ranges(self) -> tuple:
+        """Per graph input: ``num_embeddings`` if it is an index input (an Embedding reads it
+        first: int64 indices in ``[0, num_embeddings)``), else None (float32)."""
+        return tuple(chain[0].num_embeddings if chain and isinstance(chain[0], Embedding) else None
+                     for chain in self._input_chains())
+
+    def example_inputs(self) -> tuple:
+        """One tensor per graph input: ones, or index 0 for an index input (for tracing)."""
+        import torch
+
+        return tuple(torch.ones(shape) if vocab is None else torch.zeros(shape, dtype=torch.int64)
+                     for shape, vocab in zip(self.input_shapes, self.index_ranges))
 
     @property
     def output_shape(self) -> tuple:
+        """The shape of the final output (the last one the forward returns)."""
         return propagate(self.layers, self.input_shape)
+
+    @property
+    def output_shapes(self) -> tuple:
+        """One shape per graph output, in the order the forward returns them."""
+        shapes, shape = [], tuple(self.input_shape)
+        for layer in self.layers:
+            shape = layer.output_shape(shape)
+            if isinstance(layer, AlsoOutput):
+                shapes.append(shape)
+        return (*shapes, shape)
 
     def all_layers(self) -> list:
         """Every layer, nested ones included (depth first)."""
@@ -613,7 +757,7 @@ class ModelSpec(_Node):
     @property
     def ops(self) -> frozenset:
         """Coarse op families, named like ``fixtures.zoo.ZooModel.ops``."""
-        return frozenset(layer.op for layer in _walk(self.layers))
+        return frozenset(op for layer in _walk(self.layers) for op in layer.ops_used())
 
     def adjacent(self) -> list:
         """Every (layer, next layer) pair of every layer sequence, nested ones included."""
@@ -631,22 +775,25 @@ class ModelSpec(_Node):
     def to_python(self, docstring: bool = True) -> str:
         """Standalone PyTorch source: ``class Model``, ``init_parameters``, ``build_model()``."""
         source = _Source()
-        out = source.emit(self.layers, "x")
+        final = source.emit(self.layers, "x")
+        out = f"({', '.join([*source.outputs, final])})" if source.outputs else final
         init = "\n".join(f"        {line}" for line in source.module_lines) or "        pass"
         forward = "\n".join(f"        {line}" for line in source.forward_lines)
         after_init = "".join(f"        {line}\n" for line in source.after_init_lines)
+        shapes = "" if len(self.input_shapes) == 1 else f"INPUT_SHAPES = {self.input_shapes!r}\n"
         return (
             (f'"""Generated by qref.strategies.models from:\n{self!r}\n"""\n' if docstring else "")
             + "import math\n\n"
             "import torch\n"
             "from torch import nn\n\n"
             f"INPUT_SHAPE = {tuple(self.input_shape)!r}\n"
-            f"SEED = {self.seed!r}\n\n\n"
+            + shapes
+            + f"SEED = {self.seed!r}\n\n\n"
             "class Model(nn.Module):\n"
             "    def __init__(self):\n"
             "        super().__init__()\n"
             f"{init}\n\n"
-            "    def forward(self, x):\n"
+            f"    def forward(self, {', '.join(source.inputs)}):\n"
             f"{forward}\n"
             f"        return {out}\n\n"
             f"{_INIT_SOURCE}\n\n"
@@ -849,6 +996,10 @@ def _block(draw, kind: str, shape: tuple, ctx: _Ctx) -> list:
         return draw(_attention_block(shape), label="attention block")
     if kind == "shared" and spatial and ctx.flow == "pt2e":
         return draw(_shared(shape, ctx), label="shared")
+    if kind == "two_inputs":
+        return draw(_two_inputs(shape, ctx), label="two_inputs")
+    if kind == "two_outputs":  # this value is an output too, then one more weighted block
+        return [AlsoOutput(), *draw(_block("conv" if spatial else "linear_act", shape, ctx), label="after output")]
     if kind == "pool" and spatial:
         options = [Pool(kind, k, s, len(spatial)) for kind in ("max", "avg")
                    for k, s in ((2, 2), (2, 1), (3, 2), (3, 1)) if min(spatial) >= k]
@@ -862,6 +1013,43 @@ def _block(draw, kind: str, shape: tuple, ctx: _Ctx) -> list:
                      draw(st.sampled_from([True, False]), label="bias"))
         return layers + [lin] + _maybe_act(draw)
     return []
+
+
+@st.composite
+def _two_inputs(draw, shape: tuple, ctx: _Ctx) -> list:
+    """A second graph input joined to ``x``: added (same shape), concatenated along the channels
+    (its own channel count) or multiplied as matrices (same shape); its branch is the identity
+    or a shape-keeping conv / linear (maybe + an activation)."""
+    spatial = shape[2:]
+    join = draw(st.sampled_from([j for j in ExtraInput.JOINS if j != "matmul" or spatial]), label="join")
+    other = shape
+    if join == "cat":
+        other = (shape[0], draw(st.integers(1, MAX_CHANNELS // 2), label="second input channels"), *spatial)
+    body: list = []
+    if draw(st.booleans(), label="second input branch"):  # simplest: none (the identity)
+        if spatial:
+            body.append(draw(_conv(other, ctx, keep_shape=True, transpose=False), label="second input conv"))
+        else:
+            body.append(Linear(other[1], other[1], draw(st.booleans(), label="second input bias")))
+        body += _maybe_act(draw, "second input activation")
+    layers: list = [ExtraInput(other, tuple(body), join)]
+    out = propagate(layers, shape)
+    if join == "cat" and spatial and out[1] > MAX_CHANNELS:  # squeeze back with a 1x1 conv
+        layers.append(Conv(out[1], MAX_CHANNELS // 2, dim=len(spatial)))
+    elif join != "cat":
+        layers += _maybe_act(draw, f"activation after {join}")
+    return layers
+
+
+@st.composite
+def _embedding(draw, ctx: _Ctx) -> tuple:
+    """(index input shape, layers): an embedding lookup on ``(N, T)`` indices, then a Linear on
+    its ``(N, T, dim)`` output (maybe + an activation)."""
+    shape = (draw(st.sampled_from([2, 1]), label="batch"), draw(st.integers(1, 10), label="indices per sample"))
+    table = Embedding(draw(st.integers(1, 16), label="num_embeddings"), draw(st.integers(1, 16), label="embedding_dim"))
+    lin = Linear(table.embedding_dim, draw(st.integers(1, 16), label="out_features"),
+                 draw(st.sampled_from([True, False]), label="bias"))
+    return shape, [table, lin, *_maybe_act(draw)]
 
 
 @st.composite
@@ -951,20 +1139,37 @@ def _ops_spec(draw, ctx: _Ctx, kinds, fixed_qparams: bool = False) -> ModelSpec:
     return ModelSpec(shape, tuple(layers), draw(_seeds(), label="seed"))
 
 
+def _kinds(kinds, ctx: _Ctx) -> list:
+    """The block kinds of ``kinds`` (default: PATTERN_KINDS) in their canonical order; the graph
+    kinds only where named.  No embedding in FX QAT: its qconfigs give nn.Embedding a per-channel
+    symmetric weight, which torch's QAT Embedding refuses (per_channel_affine_float_qparams only)."""
+    if kinds is None:
+        return list(PATTERN_KINDS)
+    return [k for k in PATTERN_KINDS + GRAPH_KINDS
+            if k in kinds and not (k == "embedding" and ctx.flow == "fx" and ctx.qat)]
+
+
 @st.composite
 def _pattern_spec(draw, ctx: _Ctx, kinds) -> ModelSpec:
-    kinds = [k for k in PATTERN_KINDS if k != "conv" and (kinds is None or k in kinds)] or ["conv_bn"]
+    kinds = [k for k in _kinds(kinds, ctx) if k != "conv"] or ["conv_bn"]
     kind = draw(st.sampled_from(kinds), label="pattern")
     if kind in ("linear_act", "linear_bn"):
         shape = draw(_input_shape(rank=0), label="input shape")  # batch >= 2: BatchNorm1d can train
     elif kind in SEQUENCE_KINDS:  # (N, T, C) (or (N, A, B, C) for a Linear)
         rank = 1 if kind == "attention" or ctx.flow == "fx" else draw(st.sampled_from([1, 2]), label="dim")
         shape = draw(_input_shape(rank=rank), label="input shape")
+    elif kind == "embedding":
+        shape, layers = draw(_embedding(ctx), label="embedding")
+        return ModelSpec(shape, tuple(layers), draw(_seeds(), label="seed"))
+    elif kind in ("two_inputs", "two_outputs"):
+        shape = draw(_input_shape(rank=draw(st.sampled_from([2, 1, 0]), label="dim")), label="input shape")
     else:
         shape = draw(_input_shape(rank=draw(st.sampled_from([2, 1]), label="dim")), label="input shape")
     layers: list = []
     if kind in ("pool", "flatten_linear", "matmul"):  # quantized input first: a conv (+relu)
         layers = draw(_block("conv", shape, ctx), label="conv before")
+    elif kind in ("two_inputs", "two_outputs"):  # something to quantize on the first input
+        layers = draw(_block("conv" if shape[2:] else "linear_act", shape, ctx), label="weighted before")
     if kind == "flatten_linear" and math.prod(propagate(layers, shape)[1:]) > MAX_FEATURES:
         if min(propagate(layers, shape)[2:]) >= 2:
             layers.append(Pool("max", 2, 2, len(shape) - 2))
@@ -977,12 +1182,16 @@ def _pattern_spec(draw, ctx: _Ctx, kinds) -> ModelSpec:
 
 @st.composite
 def _models_spec(draw, ctx: _Ctx, kinds, max_blocks: int) -> ModelSpec:
-    kinds = [k for k in PATTERN_KINDS if kinds is None or k in kinds] or list(PATTERN_KINDS)
-    shape = draw(_input_shape(), label="input shape")
-    firsts = ("linear_act", "linear_bn") if len(shape) == 2 else ("conv", "conv_bn")
-    first = draw(st.sampled_from([k for k in firsts if k in kinds] or firsts[:1]), label="first block kind")
-    layers = list(draw(_block(first, shape, ctx), label="first block"))
-    more = draw(st.lists(st.sampled_from(kinds), max_size=max_blocks - 1), label="blocks")
+    kinds = _kinds(kinds, ctx) or list(PATTERN_KINDS)
+    if "embedding" in kinds and draw(st.booleans(), label="index input"):
+        shape, layers = draw(_embedding(ctx), label="first block")
+    else:
+        shape = draw(_input_shape(), label="input shape")
+        firsts = ("linear_act", "linear_bn") if len(shape) == 2 else ("conv", "conv_bn")
+        first = draw(st.sampled_from([k for k in firsts if k in kinds] or firsts[:1]), label="first block kind")
+        layers = list(draw(_block(first, shape, ctx), label="first block"))
+    later = [k for k in kinds if k != "embedding"] or list(PATTERN_KINDS)  # an embedding reads a graph input
+    more = draw(st.lists(st.sampled_from(later), max_size=max_blocks - 1), label="blocks")
     for kind in more:
         cur = propagate(layers, shape)
         layers += draw(_block(kind, cur, ctx), label=kind)
@@ -999,6 +1208,12 @@ def model_specs(flow: str = "pt2e", tier: str = "models", qat: bool = False, kin
       ``conv``): conv-bn(-act), linear(-act), linear-bn(-act), residual add (-act), cat of two
       branches, matmul of two branches (-act), conv then pool, conv then flatten-linear.
     * ``"models"``: a first weighted block then up to ``max_blocks - 1`` blocks of ``kinds``.
+
+    Graphs beyond one input and one output only where ``kinds`` names :data:`GRAPH_KINDS`:
+    ``two_inputs`` (a second graph input, maybe through a conv / linear, added, concatenated or
+    multiplied to the chain), ``two_outputs`` (an intermediate value returned too) and
+    ``embedding`` (an embedding lookup on integer indices, then a linear: the first block; FX's
+    default mappings leave the lookup float, qref's pt2e quantizer quantizes its table).
     """
     if flow not in ("pt2e", "fx"):
         raise ValueError(f"flow must be 'pt2e' or 'fx', not {flow!r}")

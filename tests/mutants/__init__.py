@@ -90,6 +90,18 @@ _ALL = [
           "a two-input op (add, matmul) dequantizes its second input with its first input's "
           "scale and zero point (a lowering that reads one input's qparams for both)",
           ("residual_add", "qref_int8_sym", False)),
+    _pt2e("every_graph_input_gets_first_qparams", "multi-graph-input-qparams",
+          "every graph input is quantized (and dequantized) with the first graph input's scale and "
+          "zero point (a converter written for models of one input); shows only on a second input",
+          ("two_inputs", "qref_int8_sym", False), "test_two_input_graph_matches_reference"),
+    _pt2e("later_outputs_left_float", "multi-output",
+          "only the first graph output keeps its quantize/dequantize; later outputs return the float "
+          "value (an output pass that reads output.args[0][0] only); shows only on a second output",
+          ("two_outputs", "qref_int8_sym", False), "test_two_output_graph_matches_reference"),
+    _pt2e("embedding_zero_points_rounded", "embedding-float-zero-points",
+          "an embedding table's per-row float zero points (per_channel_affine_float_qparams) are "
+          "rounded to integers, as an affine weight's; shows only on an embedding weight",
+          ("embedding", "qref_int8_sym", False), "test_embedding_matches_reference"),
     # --- pt2e: weights and biases -------------------------------------------------------------
     _pt2e("per_channel_scales_reversed", "per-channel-axis",
           "per-channel weight scales applied in reversed channel order (scales indexed "
@@ -193,6 +205,11 @@ _ALL = [
         "preserved attributes are set on the converted model but not recorded in its "
         "meta['_user_preserved_attributes'], so a deepcopy of the converted model loses them",
         ("linear", "fbgemm", False), "test_fx_convert_custom_config_honoured"),
+    Mutant("fx_every_graph_input_gets_first_qparams", "fx", "tests.mutants.fx:every_graph_input_gets_first_qparams",
+           "fx-multi-graph-input-qparams",
+           "every graph input of the lowered model is quantized with the first graph input's scale and zero "
+           "point (a converter written for models of one input); shows only on a second input",
+           ("two_inputs", "fbgemm", False), "test_fx_two_input_graph_matches_reference"),
     # --- compared where it was promised (tests/mutants/verdicts.py) ---------------------------
     Mutant("inner_scale_hidden", "fx", "tests.mutants.verdicts:inner_scale_hidden", "fx-inner-module-qparams",
            "inner lowered modules' output scale * (1 + 2**-20) (qparams recomputed with another float "

@@ -192,4 +192,16 @@ def preserved_attributes_not_recorded(model, convert_custom_config=None, _remove
     converted = qref.convert_fx(model, convert_custom_config, _remove_qconfig, qconfig_mapping,
                                 backend_config)
     converted.meta.pop("_user_preserved_attributes", None)
+
+
+def every_graph_input_gets_first_qparams(model, convert_custom_config=None, _remove_qconfig=True,
+                                         qconfig_mapping=None, backend_config=None):
+    """Every graph input is quantized with the first graph input's scale and zero point (one input assumed)."""
+    converted = qref.convert_fx(model, convert_custom_config, _remove_qconfig, qconfig_mapping,
+                                backend_config)
+    inputs = [n for n in converted.graph.nodes if n.op == "call_function" and n.target is torch.quantize_per_tensor
+              and n.args[0].op == "placeholder"]
+    for later in inputs[1:]:  # the graph is unchanged: only the values of its qparams attributes
+        for first_qparam, qparam in zip(inputs[0].args[1:3], later.args[1:3]):
+            setattr(converted, qparam.target, getattr(converted, first_qparam.target))
     return converted

@@ -486,5 +486,49 @@ def dynamic_qparams_frozen(model, use_reference_representation=False, fold_quant
         for node in gm.graph.nodes:
             if is_call(node, CHOOSE_QPARAMS):
                 node.target = _computed_once(node.target)
+# --- graphs beyond a chain ----------------------------------------------------------------------
+
+
+def every_graph_input_gets_first_qparams(model, use_reference_representation=False, fold_quantize=True):
+    """Every graph input is quantized with the first graph input's scale and zero point (one input assumed)."""
+
+    def edit(gm):
+        inputs = [q for q in activation_quantizes(gm) if q.args[0].op == "placeholder"]
+        if inputs:
+            first = schema_arguments(inputs[0])
+            for q in inputs[1:]:
+                for node in (q, *dequantizes_of(q)):
+                    set_args(node, scale=first["scale"], zero_point=first["zero_point"])
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+def later_outputs_left_float(model, use_reference_representation=False, fold_quantize=True):
+    """Only the first graph output keeps its quantize/dequantize: later outputs return their float value."""
+
+    def edit(gm):
+        (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+        values = output.args[0]
+        if not isinstance(values, (tuple, list)):
+            return
+        kept = [values[0]]
+        for value in values[1:]:
+            if is_call(value, DEQUANTIZE) and is_call(value.args[0], QUANTIZE):
+                value = value.args[0].args[0]  # the float value the quantize read
+            kept.append(value)
+        output.args = (type(values)(kept),)
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
+def embedding_zero_points_rounded(model, use_reference_representation=False, fold_quantize=True):
+    """An embedding table's per-row float zero points are rounded to integers (read as an affine weight's)."""
+
+    def edit(gm):
+        for q in weight_quantizes(gm):
+            if any(is_call(u, (torch.ops.aten.embedding.default,)) and u.args[0] is dq
+                   for dq in dequantizes_of(q) for u in dq.users):
+                zero_points = attr(gm, q.args[2])
+                zero_points.copy_(zero_points.round())
 
     return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
