@@ -610,7 +610,19 @@ def _qat_eval_with_convert_qparams(case):
     return trained, _hold_convert_qparams(trained)
 
 
-@prop("pt2e", "patterns", qat=True)
+# The allowance below (1 LSB per requantization) holds through ops that do not expand an error: a
+# product of two activations (matmul, attention) multiplies a 1-LSB difference in one operand by
+# the other (the QAT model adds its bias in float, the converted one the int32 bias: seen 5 LSB
+# where 3 were allowed, by torchao and qref alike, tests/test_qat_comparison.py).  The equivalence
+# properties check those ops exactly against the reference.
+ACTIVATION_PRODUCTS = frozenset({"matmul", "attention"})
+
+
+def _no_activation_products(specs):
+    return specs.filter(lambda spec: not spec.ops & ACTIVATION_PRODUCTS)
+
+
+@prop("pt2e", "patterns", qat=True, model=_no_activation_products)
 def test_converted_matches_qat_model(subject, case):
     """The converted model computes what was trained (any QAT setup): see ``_matches_qat_model``."""
     _matches_qat_model(subject, case)
@@ -620,7 +632,8 @@ def test_converted_matches_qat_model(subject, case):
 # outputs. Specs X86InductorQuantizer annotates (conv2d or linear: a cheap filter before
 # preparation); the setup is drawn among those that prepare the spec, so about half the cases are
 # rejected after preparing (QuantSetup draws take no quantizer kind).
-@prop("pt2e", "patterns", qat=True, model=lambda specs: specs.filter(lambda spec: bool(spec.ops & {"conv2d", "linear"})),
+@prop("pt2e", "patterns", qat=True, model=lambda specs: _no_activation_products(specs).filter(
+      lambda spec: bool(spec.ops & {"conv2d", "linear"})),
       where=lambda case: case.setup.kind == "x86",
       settings=dict(suppress_health_check=[*settings().suppress_health_check, HealthCheck.filter_too_much,
                                            HealthCheck.too_slow]))
