@@ -29,10 +29,10 @@ def pytest_generate_tests(metafunc):  # noqa: D103 - the backends this run lower
 
 
 def _backend(name):
-    from qref.backends import BackendError, resolve
-
     if name is None:
         pytest.skip(NO_BACKEND)
+    from qref.backends import BackendError, resolve
+
     try:
         backend = resolve(name)
     except BackendError as error:

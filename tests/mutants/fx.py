@@ -192,6 +192,7 @@ def preserved_attributes_not_recorded(model, convert_custom_config=None, _remove
     converted = qref.convert_fx(model, convert_custom_config, _remove_qconfig, qconfig_mapping,
                                 backend_config)
     converted.meta.pop("_user_preserved_attributes", None)
+    return converted
 
 
 def every_graph_input_gets_first_qparams(model, convert_custom_config=None, _remove_qconfig=True,

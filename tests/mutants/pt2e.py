@@ -486,6 +486,10 @@ def dynamic_qparams_frozen(model, use_reference_representation=False, fold_quant
         for node in gm.graph.nodes:
             if is_call(node, CHOOSE_QPARAMS):
                 node.target = _computed_once(node.target)
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
 # --- graphs beyond a chain ----------------------------------------------------------------------
 
 
