@@ -622,7 +622,15 @@ def _no_activation_products(specs):
     return specs.filter(lambda spec: not spec.ops & ACTIVATION_PRODUCTS)
 
 
-@prop("pt2e", "patterns", qat=True, model=_no_activation_products)
+def _static_activations(case) -> bool:
+    """Dynamic activations are out: conversion chooses their qparams on each call, while a QAT
+    fake-quantizer in eval mode holds one set, so no qparams it can hold make the QAT model compute
+    the converted one (0.0037 apart on a Linear, torchao and qref alike: tests/test_qat_comparison.py);
+    the equivalence properties check dynamic conversion exactly against the reference."""
+    return not getattr(case.setup, "dynamic", False)
+
+
+@prop("pt2e", "patterns", qat=True, model=_no_activation_products, where=_static_activations)
 def test_converted_matches_qat_model(subject, case):
     """The converted model computes what was trained (any QAT setup): see ``_matches_qat_model``."""
     _matches_qat_model(subject, case)

@@ -193,3 +193,34 @@ def test_a_product_of_activations_takes_the_qat_model_beyond_one_lsb_per_requant
     assert compare(ours, theirs, case.inputs).ok
     for target in ("qref-pt2e", "torchao-pt2e"):
         assert replay("properties.test_folding", "test_converted_matches_qat_model", target, case, {}) == 1
+
+
+def test_a_dynamic_linear_converts_to_what_no_frozen_qat_model_computes():
+    """Why test_converted_matches_qat_model draws no dynamic setup (found by a default-profile run):
+    torchao's and qref's conversions agree bit for bit, both choosing the input's qparams on each
+    call, yet both fail the property: the QAT model's fake-quantizer in eval mode holds one set."""
+    from pathlib import Path
+
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    import qref
+    from properties._support import replay
+    from properties.test_folding import _static_activations
+    from qref.compare import compare
+    from qref.pt2e.eval_mode import move_to_eval
+    from qref.strategies.cases import Case
+    from qref.strategies.models import Linear, ModelSpec
+    from qref.strategies.setups import QuantSetup
+
+    tensors = torch.load(Path(__file__).parent / "data" / "qat_dynamic_linear.pt", weights_only=True)
+    spec = ModelSpec(input_shape=(2, 1), layers=(Linear(1, 1),))
+    setup = QuantSetup("pt2e", qat=True, kind="qref", per_channel=False, act_dtype="int8", symmetric=False,
+                       observer="minmax", dynamic=True)
+    case = Case(spec, setup, tuple((tensors[f"calibration_{i}_0"],) for i in range(2)),
+                tuple((tensors[f"input_{i}_0"],) for i in range(4)),
+                ("in calibration range", "calibration range x4", "zeros", "half-steps of 2**0"))
+    assert not _static_activations(case)
+    ours, theirs = move_to_eval(qref.convert_pt2e(case.prepared())), move_to_eval(convert_pt2e(case.prepared()))
+    assert compare(ours, theirs, case.inputs).ok
+    for target in ("qref-pt2e", "torchao-pt2e"):
+        assert replay("properties.test_folding", "test_converted_matches_qat_model", target, case, {}) == 1
