@@ -45,12 +45,11 @@ def _backend(name):
 
 def _innermost(error: BaseException) -> str:
     """The exception a compiler wrapped, with where it was raised (its own message may be empty)."""
-    import traceback
+    from qref.converters import where_raised
 
-    frames = traceback.extract_tb(error.__traceback__)
+    where = where_raised(error)
     while getattr(error, "inner_exception", None) is not None or error.__cause__ is not None:
         error = getattr(error, "inner_exception", None) or error.__cause__  # dynamo wraps what it caught
-    where = f" at {frames[-1].filename.split('site-packages/')[-1]}:{frames[-1].lineno}" if frames else ""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}{': ' + text[0][:300] if text else ''}{where}"
 

@@ -312,6 +312,18 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def where_raised(exc: BaseException) -> str:
+    """`` (at torch/ao/nn/.../batchnorm.py:39 in from_reference)``: the innermost frame of ``exc``
+    (path below site-packages), so a report, and an expectation, can name the code that raised."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f" (at {frame.filename.split('site-packages/')[-1]}:{frame.lineno} in {frame.name})"
+
+
 # --- calling -------------------------------------------------------------------------------------
 
 
@@ -363,7 +375,7 @@ def _call(converter: Converter, model, kwargs):
     except Exception as exc:
         _restore(before)
         raise ConverterMisbehaved(
-            "raised", f"{converter.target} raised {type(exc).__name__}: {_one_line(exc)}"
+            "raised", f"{converter.target} raised {type(exc).__name__}: {_one_line(exc)}{where_raised(exc)}"
         ) from exc
     finally:
         if observer is not None:

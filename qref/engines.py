@@ -298,7 +298,7 @@ ONEDNN_PADDING_ONLY_WINDOW = KernelDeviation(
     cause=("onednn's VNNI quantized conv (also under the x86 engine, which hands it to onednn) is wrong "
            "when its input zero point is non-zero and, along one spatial dimension, every kernel tap of "
            "every output position lands in the padding (e.g. a width-1 input, padding 1, a 2-tap kernel "
-           "with dilation 2): it leaves the input zero point's correction out, seen 128-255 LSB; exact "
+           "with dilation 2): it leaves the input zero point's correction out, seen 72-255 LSB; exact "
            "with a zero input zero point, and with ONEDNN_MAX_CPU_ISA=AVX2; fbgemm and qnnpack are exact"),
     condition="the failing layer is such a conv and was fed an input with a non-zero zero point",
     cap="its whole output range (255 LSB): the result is wrong, not imprecise; the geometry confines it",

@@ -314,7 +314,8 @@ def _judged(spec, engine, calibration, inputs):
 def test_onednn_conv_whose_window_is_all_padding_is_named(engine):
     """Found by CI's unseeded run: a width-1 input, padding 1 and a 2-tap kernel with dilation 2
     (every tap along the width lands in the padding, so the output is the bias alone) is
-    128-255 LSB off on onednn's VNNI kernels when the input zero point is non-zero; the same
+    72-255 LSB off on onednn's VNNI kernels (the figure varies with the CPU) when the input zero
+    point is non-zero; the same
     conv with a zero input zero point, and fbgemm, are exact.  qref.engines names it
     ONEDNN_PADDING_ONLY_WINDOW, from the layer's own geometry and input zero point."""
     from qref.engines import ONEDNN_PADDING_ONLY_WINDOW
@@ -330,7 +331,7 @@ def test_onednn_conv_whose_window_is_all_padding_is_named(engine):
     if not has_vnni():
         assert result.ok, "onednn without VNNI was exact here: the deviation is VNNI-only"
         return
-    assert result.max_lsb >= 100 and not unexplained
+    assert not result.ok and result.max_lsb > 1 and not unexplained, result.message()
     assert set(excused.values()) == {ONEDNN_PADDING_ONLY_WINDOW}
     wider = ModelSpec(input_shape=(2, 1, 7, 3), layers=spec.layers)  # a tap reaches the input: exact
     wide = [(torch.randn(2, 1, 7, 3, generator=g),) for _ in range(2)]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from torch.ao.quantization import QConfig, QConfigMapping
+from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig_mapping
 from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
 from torch.ao.quantization.quantize_fx import convert_fx as torch_convert_fx
 from torch.ao.quantization.quantize_fx import prepare_fx
@@ -16,11 +17,14 @@ from torch.ao.quantization.quantize_fx import prepare_fx
 from fixtures.fx_setups import ENGINE_SETUPS, SETUPS, prepared, unsupported
 from fixtures.zoo import ZOO
 from qref import observers
+from qref.converters import ConverterMisbehaved, call_guarded, resolve
+from qref.expectations import load as load_expectations
 from tests.test_fx_convert import same_outputs
 from qref.engines import engines, use_engine
 from qref.fx import convert_fx, convert_to_reference_fx
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
+DEFAULT_EXPECTATIONS = load_expectations(Path(__file__).parents[1] / "qref" / "default_expectations.toml")
 
 FAST = [n for n, z in ZOO.items() if z.fx_traceable and n != "mobilenet_v2_like"]
 FEW = ["conv_bn_relu", "residual_add", "cat_branches", "linear_relu"]
@@ -127,6 +131,30 @@ def test_unfused_relu_after_lowered_module_is_kept():
         assert (ours(x) >= 0).all()
         assert torch.equal(ours(x), reference(x))
         assert (theirs(x) < 0).any()  # torch's lowered model lets negative values through
+
+
+@pytest.mark.parametrize("engine", [e for e in ("fbgemm", "qnnpack") if e in engines()])
+def test_standalone_non_affine_batch_norm_is_lowered(engine):
+    """A BatchNorm2d(affine=False) not fused into a conv (found by CI's run of
+    test_fx_custom_module_converted, where the conv before it was a custom module): torch 2.13's
+    convert_fx raises in nnq.BatchNorm2d.from_reference, which reads the missing weight's device
+    (the default expectation names that frame); qref lowers it with gamma 1 and beta 0, equal to
+    its reference model."""
+    bn = nn.BatchNorm2d(2, affine=False).eval()
+    bn.running_mean.copy_(torch.tensor([0.5, -1.0]))
+    bn.running_var.copy_(torch.tensor([2.0, 0.25]))
+    x = torch.randn(2, 2, 3, 7, generator=torch.Generator().manual_seed(0))
+    with use_engine(engine):
+        prep = prepare_fx(nn.Sequential(bn), get_default_qconfig_mapping(engine), (x,))
+        prep(x)
+        ours, reference = convert_fx(copy.deepcopy(prep)), convert_to_reference_fx(copy.deepcopy(prep))
+        assert isinstance(ours.get_submodule("0"), torch.ao.nn.quantized.BatchNorm2d)
+        assert torch.equal(ours(x), reference(x))
+        with pytest.raises(ConverterMisbehaved) as raised:
+            call_guarded(resolve("torch-fx"), copy.deepcopy(prep))
+    (entry,) = [e for e in DEFAULT_EXPECTATIONS if e.test == "fx_custom_module_converted*"]
+    assert entry.expects(raised.value.message), raised.value.message
+    assert "from_reference" in raised.value.message and "batchnorm.py" in raised.value.message
 
 
 @pytest.mark.parametrize("convert", [convert_fx, convert_to_reference_fx])

@@ -156,13 +156,15 @@ def build_weight_only(cls, ref):
 
 
 def _batch_norm(cls):
-    """A quantized BatchNorm (or BN+ReLU) sharing the float BN's affine parameters and statistics."""
+    """A quantized BatchNorm (or BN+ReLU) sharing the float BN's affine parameters and statistics
+    (a non-affine BN keeps the new module's gamma 1 and beta 0: the kernel needs a weight)."""
 
     def build(module, scale, zero_point):
         bn = module[0] if isinstance(module, nni._FusedModule) else module
         # no device/dtype: every tensor of the new module is replaced by the float BN's own
         quantized = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum)
-        quantized.weight, quantized.bias = bn.weight, bn.bias
+        if bn.affine:
+            quantized.weight, quantized.bias = bn.weight, bn.bias
         quantized.running_mean, quantized.running_var = bn.running_mean, bn.running_var
         quantized.scale, quantized.zero_point = scale, zero_point  # its buffers: tensors
         return quantized

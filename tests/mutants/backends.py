@@ -13,22 +13,20 @@ from qref.backends import resolve
 from qref.backends.inductor import lower
 from qref.pt2e.ops import DEQUANTIZE, QUANTIZE, is_call
 
-_WEIGHTED = ("conv", "linear")
-
-
-def _after_weighted_op(q) -> bool:
+def _requantizes(q) -> bool:
+    """A quantize of a value the graph computed (not a graph input's, not a weight's)."""
     source = q.args[0]
-    return isinstance(source, torch.fx.Node) and any(w in str(source.target) for w in _WEIGHTED)
+    return isinstance(source, torch.fx.Node) and source.op == "call_function" and not is_call(source, DEQUANTIZE)
 
 
 def _wrong_multiplier_lowering(converted, example_args):
-    """The first conv/linear requantizes with its output scale 1/16 too large: its quantize
-    divides by the wrong scale while the dequantize after it reads the right one."""
+    """Every requantization uses an output scale 1/16 too large: its quantize divides by the wrong
+    scale while the dequantize after it reads the right one (a backend's requantization multiplier
+    computed from a wrong scale)."""
     graph_module = copy.deepcopy(converted)
     for q in graph_module.graph.nodes:
-        if is_call(q, QUANTIZE) and _after_weighted_op(q) and isinstance(q.args[1], float):
+        if is_call(q, QUANTIZE) and _requantizes(q) and isinstance(q.args[1], float):
             q.args = (q.args[0], q.args[1] * (1 + 2**-4), *q.args[2:])
-            break
     graph_module.recompile()
     return lower(graph_module, example_args)
 
