@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import qref
 from qref.compare import EXACT, Tolerance, compare
+from qref.engines import engine_limit
 from qref.pt2e.ops import DEQUANTIZE, is_call, schema_arguments
 from qref.strategies import conv_bn_specs, fixed_qparams_specs
 from qref.strategies.models import GRAPH_KINDS, SEQUENCE_KINDS
@@ -283,10 +284,13 @@ def _fx_matches_reference(subject, case, premise=None):
         if premise is not None and not premise[0](reference):
             subject.not_compared(premise[1])
             reject()
-        try:  # the engine's limits (qnnpack: add scale ratios in [2**-14, 2**8)) are not the converter's
+        try:  # what the engine refuses to run (qref.engines.ENGINE_LIMITS) is not the converter's
             reference(*case.inputs[0])
         except RuntimeError as error:
-            subject.not_compared(f"{case.setup.engine} cannot run this model: {str(error).splitlines()[-1][:80]}")
+            cause = engine_limit(case.setup.engine, error)
+            if cause is None:
+                raise
+            subject.not_compared(f"{case.setup.engine} cannot run this model: {cause}")
             reject()
         candidate = subject.convert(case)
         result = compare(reference, candidate, case.inputs, subject.tolerance(EXACT))

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import qref
 from qref.compare import Tolerance, compare, compare_lowered
-from qref.engines import Layer, has_vnni, known_deviation
+from qref.engines import Layer, engine_limit, has_vnni, known_deviation
 
 from ._support import divergence, prop, subject  # noqa: F401 (subject: fixture)
 
@@ -37,13 +37,16 @@ def pytest_generate_tests(metafunc):  # noqa: D103 - engines this run exercises 
 
 
 def _engine_runs(subject, case, engine) -> bool:
-    """Whether qref's own lowering runs on ``engine``: the engine's limits (qnnpack: add scale
-    ratios in [2**-14, 2**8); onednn: no output_padding) are not the converter's."""
+    """Whether qref's own lowering runs on ``engine``: what the engine refuses to run
+    (``qref.engines.ENGINE_LIMITS``) is not the converter's; any other error is qref's, reported."""
     with qref.use_engine(engine, threads=1):
         try:
             qref.convert_fx(case.prepared())(*case.inputs[0])
-        except Exception as error:  # noqa: BLE001
-            subject.not_compared(f"{engine} cannot run this model: {str(error).splitlines()[-1][:80]}")
+        except RuntimeError as error:
+            cause = engine_limit(engine, error)
+            if cause is None:
+                raise
+            subject.not_compared(f"{engine} cannot run this model: {cause}")
             return False
     return True
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["engines", "use_engine", "KERNEL_CONTRACTS", "KernelContract", "KernelDeviation", "Layer",
-           "DEVIATIONS", "known_deviation", "qnnpack_bias_error", "padding_only_dimension", "thread_deviation", "int16_pair_cap", "has_vnni"]
+           "DEVIATIONS", "known_deviation", "ENGINE_LIMITS", "engine_limit", "qnnpack_bias_error", "padding_only_dimension", "thread_deviation", "int16_pair_cap", "has_vnni"]
 
 
 def _runs(engine: str) -> bool:
@@ -358,6 +358,29 @@ def known_deviation(engine: str, layer: Layer, lsb: int) -> KernelDeviation | No
     ``engine``) being ``lsb`` LSB off, here: on this CPU and torch version, from the layer's own
     input and shape, within the deviation's cap; None if none does (then it is a failure)."""
     return next((d for d in DEVIATIONS if d.explains(engine, layer, lsb)), None)
+
+
+# What an engine refuses to run at all, by the message its kernel raises: a model qref's own
+# lowering cannot run there is not compared on that engine (any other error is reported).
+ENGINE_LIMITS = (
+    (("qnnpack",), r"failed to create QNNPACK (Add|Average Pooling|Global Average Pooling) operator",
+     "qnnpack's add accepts input-to-output scale ratios in [2**-14, 2**8) only, its average "
+     "pooling ratios in [2**-8, 2**8)"),
+    (("onednn",), r"ONEDNN only supports zero output_padding",
+     "onednn's transposed conv takes no output_padding"),
+    (("onednn",), r"ONEDNN only supports symmetric quantization of weight",
+     "onednn's conv and linear take symmetric weights only (weight zero point 0)"),
+)
+
+
+def engine_limit(engine: str, error: BaseException) -> str | None:
+    """The engine limit (``ENGINE_LIMITS``) that ``error``, raised running a lowered model on
+    ``engine``, is; None when it is none of them (then the error is the lowering's)."""
+    import re
+
+    text = str(error)
+    return next((cause for names, pattern, cause in ENGINE_LIMITS
+                 if engine in names and re.search(pattern, text)), None)
 
 
 def thread_deviation(engine: str, threads: int | None = None) -> str | None:

@@ -14,7 +14,9 @@ from qref.engines import (
     KERNEL_CONTRACTS,
     ONEDNN_DECONV_CHANNELS,
     QNNPACK_DEGENERATE_SCALE,
+    ENGINE_LIMITS,
     Layer,
+    engine_limit,
     engines,
     int16_pair_cap,
     known_deviation,
@@ -175,3 +177,39 @@ def test_cpu_flags_are_read_from_proc_cpuinfo():
         pytest.skip("no /proc/cpuinfo here")
     flags = _cpu_flags()
     assert "fpu" in flags or "sse2" in flags or "asimd" in flags or "fp" in flags, sorted(flags)[:20]
+
+
+def _qnnpack_add_of_far_scales():
+    a = torch.quantize_per_tensor(torch.ones(4), 1e-6, 0, torch.quint8)
+    b = torch.quantize_per_tensor(torch.ones(4), 1.0, 0, torch.quint8)
+    torch.ops.quantized.add(a, b, 1.0, 0)
+
+
+def _onednn_transposed_conv_with_output_padding():
+    nnq.ConvTranspose2d(2, 2, 3, stride=2, output_padding=1)
+
+
+def _onednn_asymmetric_weight():
+    linear = nnq.Linear(2, 2)
+    linear.set_weight_bias(torch.quantize_per_tensor(torch.randn(2, 2), 0.1, 3, torch.qint8), None)
+
+
+LIMITED = [("qnnpack", _qnnpack_add_of_far_scales, 0), ("onednn", _onednn_transposed_conv_with_output_padding, 1),
+           ("onednn", _onednn_asymmetric_weight, 2)]
+
+
+@pytest.mark.parametrize("engine, refused, limit", [c for c in LIMITED if c[0] in engines()],
+                         ids=lambda v: getattr(v, "__name__", str(v)))
+def test_each_engine_limit_is_what_the_kernel_raises(engine, refused, limit):
+    """qref.engines.ENGINE_LIMITS: the messages of what an engine refuses to run, as its kernels
+    raise them; a model qref's own lowering cannot run there is left not compared (and only then)."""
+    with use_engine(engine), pytest.raises(RuntimeError) as raised:
+        refused()
+    assert engine_limit(engine, raised.value) == ENGINE_LIMITS[limit][2]
+
+
+def test_another_error_is_no_engine_limit():
+    refused = RuntimeError("failed to create QNNPACK Add operator")
+    assert engine_limit("qnnpack", refused) is not None
+    assert engine_limit("fbgemm", refused) is None  # another engine's limit
+    assert engine_limit("qnnpack", RuntimeError("Weight must be provided")) is None  # a lowering's own error
