@@ -14,6 +14,7 @@ import pytest
 from hypothesis import strategies as st
 
 from qref.compare import compare_outputs
+from qref.converters import describe_error
 
 from ._support import prop, subject  # noqa: F401 (subject: fixture)
 
@@ -43,17 +44,6 @@ def _backend(name):
     return backend
 
 
-def _innermost(error: BaseException) -> str:
-    """The exception a compiler wrapped, with where it was raised (its own message may be empty)."""
-    from qref.converters import where_raised
-
-    where = where_raised(error)
-    while getattr(error, "inner_exception", None) is not None or error.__cause__ is not None:
-        error = getattr(error, "inner_exception", None) or error.__cause__  # dynamo wraps what it caught
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}{': ' + text[0][:300] if text else ''}{where}"
-
-
 @prop("pt2e", "patterns", data=st.data())  # the case is drawn for the backend's scheme
 def test_lowered_within_backend_contract(subject, backend, data):
     lowering = _backend(backend)
@@ -67,7 +57,7 @@ def test_lowered_within_backend_contract(subject, backend, data):
     try:
         run = lowering.lower(converted, case.inputs[0])
     except Exception as error:  # noqa: BLE001 - the converter's graph and the backend, together
-        subject.fail(case, f"{lowering.name} cannot lower the converted model: {_innermost(error)}")
+        subject.fail(case, f"{lowering.name} cannot lower the converted model: {describe_error(error)}")
     result = compare_outputs(reference, run, case.inputs, subject.tolerance(lowering.contract),
                              float_relative=lowering.float_relative)
     subject.record.lsb(result.max_lsb)

@@ -324,6 +324,23 @@ def where_raised(exc: BaseException) -> str:
     return f" (at {frame.filename.split('site-packages/')[-1]}:{frame.lineno} in {frame.name})"
 
 
+def describe_error(exc: BaseException) -> str:
+    """``Type: message (at file:line in function)``, then what it wraps (``_root_cause``): one
+    line that names the code that raised, for a report and for an expectation's pattern."""
+    return f"{type(exc).__name__}: {_one_line(exc)}{where_raised(exc)}{_root_cause(exc)}"
+
+
+def _root_cause(exc: BaseException) -> str:
+    """``; from KeyError: ... (at ...)``: the exception a wrapper (a pass manager, a compiler)
+    raised ``exc`` from, which says what went wrong; empty when nothing wraps it."""
+    inner = exc
+    while (getattr(inner, "inner_exception", None) or inner.__cause__) is not None:
+        inner = getattr(inner, "inner_exception", None) or inner.__cause__
+    if inner is exc:
+        return ""
+    return f"; from {type(inner).__name__}: {_one_line(inner)}{where_raised(inner)}"
+
+
 # --- calling -------------------------------------------------------------------------------------
 
 
@@ -375,7 +392,7 @@ def _call(converter: Converter, model, kwargs):
     except Exception as exc:
         _restore(before)
         raise ConverterMisbehaved(
-            "raised", f"{converter.target} raised {type(exc).__name__}: {_one_line(exc)}{where_raised(exc)}"
+            "raised", f"{converter.target} raised {describe_error(exc)}"
         ) from exc
     finally:
         if observer is not None:

@@ -12,6 +12,7 @@
     failure = "cannot run"       # optional: expected only when the failure message matches (regex)
     max_lsb = 2           # optional: not an expected failure but a looser tolerance (in LSB)
     not_exercised = true  # optional: not an expected failure: the property may compare no example
+    anywhere = true       # optional, with failure: the defect may show in any property it matches
 
 ``test`` is a glob matched against the test id (``properties/test_x.py::test_y[params]``), the id
 without its parameters, the test function's name and the property name (the function name
@@ -24,7 +25,10 @@ with ``not_exercised = true`` accepts that the tests it matches compared no exam
 "not exercised" with the reason, instead of failing).  Entries whose conditions do not hold are
 inactive; active entries that match no collected test are reported.  With ``failure``, a matched test
 that fails with another message is a failure, not an expected one (pin the known defect, not the
-property; not checked with ``--qref-expected-as-skip``, which does not run the test).
+property; not checked with ``--qref-expected-as-skip``, which does not run the test).  With
+``anywhere = true`` (and a ``failure``) the entry is a converter's defect on one kind of model that
+many properties draw: a matched property that passes is reported as passed, not "did not occur",
+and the entry is reported "did not occur" only when no property failed with it.
 
 This module imports neither torch nor hypothesis.
 """
@@ -50,7 +54,8 @@ __all__ = [
 ]
 
 TOLERANCE_MARKER = "qref_max_lsb"
-_KEYS = {"test", "reason", "torch", "torchao", "engine", "converter", "failure", "max_lsb", "not_exercised"}
+_KEYS = {"test", "reason", "torch", "torchao", "engine", "converter", "failure", "max_lsb", "not_exercised",
+         "anywhere"}
 DID_NOT_OCCUR = "did not occur: the upstream defect may be fixed; narrow or remove this entry"
 
 
@@ -71,6 +76,7 @@ class Expectation:
     failure: str | None = None  # regex the failure message must contain
     torchao: str | None = None  # PEP 440 specifier on torchao's version
     not_exercised: bool = False
+    anywhere: bool = False  # the defect may show in any matched property (see the module's doc)
 
     def expects(self, message: str) -> bool:
         """Whether a failure with ``message`` is the one this entry expects."""
@@ -119,6 +125,8 @@ class Expectation:
         for key in ("torch", "torchao", "engine", "converter", "failure", "max_lsb"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
+        if self.anywhere:
+            d["anywhere"] = True
         return d
 
 
@@ -194,6 +202,12 @@ def _entry(path: Path, index: int, entry: dict) -> Expectation:
             raise ExpectationsError(f"{where}: 'failure' is not a valid regex: {exc}") from None
         if entry.get("max_lsb") is not None:
             raise ExpectationsError(f"{where}: 'failure' belongs to expected failures, not to a 'max_lsb' entry")
+    anywhere = entry.get("anywhere", False)
+    if not isinstance(anywhere, bool):
+        raise ExpectationsError(f"{where}: 'anywhere' must be true or false")
+    if anywhere and failure is None:
+        raise ExpectationsError(f"{where}: 'anywhere' needs a 'failure': the message that names the defect "
+                                "wherever it shows")
     max_lsb = entry.get("max_lsb")
     if max_lsb is not None and (
         isinstance(max_lsb, bool) or not isinstance(max_lsb, (int, float)) or max_lsb < 0
@@ -202,7 +216,7 @@ def _entry(path: Path, index: int, entry: dict) -> Expectation:
     return Expectation(
         index, test.strip(), reason.strip(), None if torch_spec is None else str(torch_spec), engine, max_lsb,
         None if converter is None else converter.strip(), failure,
-        None if torchao_spec is None else str(torchao_spec), not_exercised,
+        None if torchao_spec is None else str(torchao_spec), not_exercised, anywhere,
     )
 
 

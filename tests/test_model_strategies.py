@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -159,6 +160,39 @@ def test_shrinks_to_conv_bn():
     assert [type(l) for l in spec.layers] == [Conv, BatchNorm]
     bn = spec.layers[1]
     assert (bn.eps, bn.momentum, bn.zero_gamma) == (1e-5, 0.1, ())  # the simplest choices
+    assert (bn.mean_shift, bn.var_scale, bn.gamma_scale, bn.beta_shift) == (0.0, 1.0, 1.0, 0.0)
+
+
+def test_batchnorm_statistics_and_affine_parameters_are_drawn_far_from_the_seeded_ones():
+    """Running statistics far from zero (mean shifted by -8 or 3), tiny and huge variances (x0.01,
+    x25), small and large gammas (x0.05, x6), large betas: each drawn within a quick budget, in
+    PTQ and QAT, and built into the model as its spec says."""
+    seen: dict = {"mean_shift": set(), "var_scale": set(), "gamma_scale": set(), "beta_shift": set()}
+
+    @settings(max_examples=60, deadline=None, database=None)
+    @given(conv_bn_specs(), conv_bn_specs(qat=True))
+    def check(ptq, qat):
+        for spec in (ptq, qat):
+            bn_spec = spec.layers[1]
+            for name in seen:
+                seen[name].add(getattr(bn_spec, name))
+            plain = dataclasses.replace(spec, layers=(spec.layers[0], dataclasses.replace(
+                bn_spec, mean_shift=0.0, var_scale=1.0, gamma_scale=1.0, beta_shift=0.0, zero_gamma=())))
+            bn, base = _bn_of(spec), _bn_of(plain)
+            assert torch.allclose(bn.running_mean, base.running_mean + bn_spec.mean_shift)
+            assert torch.allclose(bn.running_var, base.running_var * bn_spec.var_scale)
+            if bn_spec.affine:
+                gamma = base.weight * bn_spec.gamma_scale
+                gamma[list(bn_spec.zero_gamma)] = 0.0
+                assert torch.allclose(bn.weight, gamma) and torch.allclose(bn.bias, base.bias + bn_spec.beta_shift)
+
+    check()
+    assert seen == {"mean_shift": {0.0, 3.0, -8.0}, "var_scale": {1.0, 0.01, 25.0},
+                    "gamma_scale": {1.0, 0.05, 6.0}, "beta_shift": {0.0, 1.5, -4.0}}, seen
+
+
+def _bn_of(spec):
+    return next(m for m in spec.build().modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
 
 
 @settings(max_examples=25, deadline=None, database=None)

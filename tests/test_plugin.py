@@ -847,6 +847,63 @@ def test_expected_failure_that_did_not_occur_says_so(pytester):
                                  "remove this entry*"])
 
 
+ANYWHERE_TESTS = """
+    import pytest
+    from qref.tally import compared
+
+    pytestmark = [pytest.mark.qref_family("equivalence"), pytest.mark.qref_tier("ops")]
+
+    def test_draws_the_model():
+        compared()
+        raise AssertionError("the converter raised: defect 7 on this model")
+
+    def test_draws_another_model():
+        compared()
+
+    def test_fails_otherwise():
+        compared()
+        raise AssertionError("outputs differ by 3 LSB")
+    """
+
+
+@pytest.mark.parametrize("defect_shows", [True, False])
+def test_anywhere_entry_passes_the_properties_it_did_not_show_in(pytester, defect_shows):
+    """An ``anywhere`` entry (a converter's defect on one kind of model, which any property may
+    draw): where it shows, an expected failure; where it did not, a pass (not "did not occur");
+    another failure stays a failure; "did not occur" only when it showed nowhere."""
+    tests = ANYWHERE_TESTS if defect_shows else ANYWHERE_TESTS.replace('raise AssertionError("the converter', '# ')
+    pytester.makepyfile(fakeconv=FAKECONV, test_x=tests)
+    pytester.makefile(".toml", expect="""
+        [[expect]]
+        test = "*"
+        reason = "upstream defect 7"
+        failure = "defect 7"
+        anywhere = true
+        """)
+    result = pytester.runpytest("--qref-converter", "fakeconv:good", "--qref-expectations", "expect.toml",
+                                "--qref-report", "report.json")
+    assert result.ret == 1  # test_fails_otherwise
+    rows = _by_property(_report(pytester))
+    assert rows["draws_another_model"]["status"] == "passed"
+    assert rows["fails_otherwise"]["status"] == "failed"
+    entry = _report(pytester)["expectations"]["entries"][0]
+    if defect_shows:
+        assert rows["draws_the_model"]["status"] == "xfailed" and entry["occurred"] is True
+        assert "did not occur" not in result.stdout.str()
+    else:
+        assert rows["draws_the_model"]["status"] == "passed" and entry["occurred"] is False
+        result.stdout.fnmatch_lines(["*qref expectation did not occur in any property it matches*defect 7*"])
+
+
+def test_anywhere_entry_needs_a_failure_message(tmp_path):
+    from qref.expectations import ExpectationsError, load
+
+    path = tmp_path / "expect.toml"
+    path.write_text('[[expect]]\ntest = "*"\nreason = "a defect"\nanywhere = true\n')
+    with pytest.raises(ExpectationsError, match="'anywhere' needs a 'failure'"):
+        load(path)
+
+
 def test_a_flaky_failure_reports_the_failure_hypothesis_could_not_reproduce(pytester):
     pytester.makepyfile(fakeconv=FAKECONV, test_flaky="""
         import pytest

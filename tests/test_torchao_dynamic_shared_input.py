@@ -4,17 +4,20 @@ dynamically (narrow-range static activations elsewhere), torchao 0.18's convert_
 its metadata pass (port_metadata_pass.py: "Expecting single user for quantize_per_tensor_tensor")
 on the plain prepared model; qref converts it.  Pinned on the found case (its tensors in
 tests/data): the day torchao converts it, this test fails and the finding comes out of
-docs/findings.md.  Not reduced further yet: two linears on one dynamic input convert."""
+docs/findings.md and its default expectation (``anywhere``: any pt2e property may draw such a
+block).  Not reduced further yet: two linears on one dynamic input convert."""
 
 from __future__ import annotations
 
 from importlib.metadata import version
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
 import torch
 
 import qref
+from qref.expectations import load
 from qref.strategies.cases import Case
 from qref.strategies.models import Act, Attention, LayerNorm, Linear, ModelSpec, Residual
 from qref.strategies.setups import QuantSetup
@@ -43,5 +46,11 @@ def test_torchao_cannot_convert_this_dynamically_quantized_attention_block():
     while inner.__cause__ is not None:
         inner = inner.__cause__
     assert "Expecting single user" in str(inner)
+    from qref.converters import ConverterMisbehaved, call_guarded, resolve
+
+    with pytest.raises(ConverterMisbehaved) as reported:
+        call_guarded(resolve("torchao-pt2e"), case.prepared(), fold_quantize=False)
+    (entry,) = [e for e in load(files("qref") / "default_expectations.toml") if e.anywhere]
+    assert entry.expects(reported.value.message) and entry.converter == "torchao-pt2e", reported.value.message
     converted = qref.convert_pt2e(case.prepared(), fold_quantize=False)
     assert all(torch.isfinite(converted(*args)).all() for args in case.inputs)

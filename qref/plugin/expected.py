@@ -62,9 +62,15 @@ def accept_not_exercised(item: pytest.Item, entry) -> None:
 
 
 def unexpected_failure_fails(item: pytest.Item, call, report) -> None:
-    """An expected failure whose message is not the entry's ``failure`` is a real failure."""
+    """An expected failure whose message is not the entry's ``failure`` is a real failure; a
+    property that passed under an ``anywhere`` entry passed (the defect did not show there)."""
     entry = item.stash.get(EXPECTED_FAILURE, None)
-    if entry is None or getattr(report, "wasxfail", None) is None or call.excinfo is None:
+    if entry is None or getattr(report, "wasxfail", None) is None:
+        return
+    if entry.anywhere and report.when == "call" and report.passed:
+        del report.wasxfail
+        return
+    if call.excinfo is None:
         return
     if entry.expects(str(call.excinfo.value)):
         return

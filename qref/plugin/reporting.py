@@ -148,6 +148,10 @@ class Controller:
             )
         for e in self._unmatched():
             tr.write_line(f"qref expectation matched no test: test = {e.test!r} ({e.reason})", yellow=True)
+        for e in self._occurred_nowhere():
+            tr.write_line(f"qref expectation did not occur in any property it matches (anywhere = true; "
+                          f"the upstream defect may be fixed, or this run drew no model that shows it): "
+                          f"test = {e.test!r} ({e.reason})", yellow=True)
         if state.report_path is not None:
             tr.write_line(f"qref report: {state.report_path}")
         if state.html_path is not None:
@@ -158,6 +162,16 @@ class Controller:
     def _unmatched(self) -> list:
         s = self.state
         return [e for e in s.expectations if e.index not in s.inactive and e.index not in s.matched]
+
+    def _occurred_nowhere(self) -> list:
+        """``anywhere`` entries that matched tests of which none failed with them (not judged
+        with --qref-expected-as-skip, which runs none of them)."""
+        s = self.state
+        if self.config.option.qref_expected_as_skip:
+            return []
+        occurred = {o.reason for o in s.outcomes.outcomes() if o.status == "xfailed"}
+        return [e for e in s.expectations if e.anywhere and e.index in s.matched and e.index not in s.inactive
+                and e.reason not in occurred]
 
     def _expectations_json(self) -> dict | None:
         state = self.state
@@ -170,6 +184,8 @@ class Controller:
                 d["applies"], d["inactive_because"] = False, state.inactive[e.index]
             else:
                 d["applies"], d["matched"] = True, e.index in state.matched
+                if e.anywhere:
+                    d["occurred"] = e not in self._occurred_nowhere()
             entries.append(d)
         return {
             "file": state.expectations_file,

@@ -227,7 +227,11 @@ class Conv(Layer):
 
 @dataclass(frozen=True, repr=False)
 class BatchNorm(Layer):
-    """``nn.BatchNorm{dim}d``; ``zero_gamma`` lists channels whose gamma is exactly 0."""
+    """``nn.BatchNorm{dim}d``; ``zero_gamma`` lists channels whose gamma is exactly 0.  The seeded
+    statistics and gamma/beta (``init_parameters``: mean ~0.3, var 0.25-1.75, |gamma| 0.5-1.5,
+    beta ~0.2) are moved by ``mean_shift``/``beta_shift`` (added) and ``var_scale``/``gamma_scale``
+    (multiplied): running statistics far from zero, tiny or huge variances, gammas and betas of
+    any size."""
 
     num_features: int
     eps: float = 1e-5
@@ -235,6 +239,10 @@ class BatchNorm(Layer):
     zero_gamma: tuple = ()
     dim: int = 2
     affine: bool = True  # False: no gamma/beta (normalisation by the running statistics only)
+    mean_shift: float = 0.0
+    var_scale: float = 1.0
+    gamma_scale: float = 1.0
+    beta_shift: float = 0.0
 
     op = "bn"
 
@@ -244,8 +252,10 @@ class BatchNorm(Layer):
             raise SpecError(f"{self!r} on shape {shape}")
         if any(not 0 <= i < shape[1] for i in self.zero_gamma):
             raise SpecError(f"{self!r}: zero_gamma channel out of range")
-        if self.zero_gamma and not self.affine:
-            raise SpecError(f"{self!r}: zero_gamma needs affine=True")
+        if (self.zero_gamma or self.gamma_scale != 1.0 or self.beta_shift) and not self.affine:
+            raise SpecError(f"{self!r}: zero_gamma, gamma_scale and beta_shift need affine=True")
+        if not self.var_scale > 0:
+            raise SpecError(f"{self!r}: var_scale must be positive")
         return shape
 
     def module_source(self) -> str:
@@ -253,7 +263,11 @@ class BatchNorm(Layer):
         return f"nn.BatchNorm{self.dim}d({self.num_features}, eps={self.eps!r}, momentum={self.momentum!r}{affine})"
 
     def after_init(self, module: str) -> list[str]:
-        return [f"{module}.weight[{list(self.zero_gamma)!r}] = 0.0"] if self.zero_gamma else []
+        lines = [f"{module}.running_mean += {self.mean_shift!r}"] if self.mean_shift else []
+        lines += [f"{module}.running_var *= {self.var_scale!r}"] if self.var_scale != 1.0 else []
+        lines += [f"{module}.weight *= {self.gamma_scale!r}"] if self.gamma_scale != 1.0 else []
+        lines += [f"{module}.bias += {self.beta_shift!r}"] if self.beta_shift else []
+        return lines + ([f"{module}.weight[{list(self.zero_gamma)!r}] = 0.0"] if self.zero_gamma else [])
 
 
 @dataclass(frozen=True, repr=False)
@@ -902,7 +916,13 @@ def _bn(draw, channels: int, dim: int, ctx: _Ctx, zero_gamma: bool | None = None
     zeros = ()
     if zero_gamma:
         zeros = tuple(sorted(draw(st.sets(st.integers(0, channels - 1), min_size=1), label="zero gamma channels")))
-    return BatchNorm(channels, eps, momentum, zeros, max(dim, 1), affine)
+    # the seeded statistics, or far from zero, tiny and huge variances (simplest first)
+    mean_shift = draw(st.sampled_from([0.0, 3.0, -8.0]), label="bn mean shift")
+    var_scale = draw(st.sampled_from([1.0, 0.01, 25.0]), label="bn var scale")
+    gamma_scale = draw(st.sampled_from([1.0, 0.05, 6.0]), label="bn gamma scale") if affine else 1.0
+    beta_shift = draw(st.sampled_from([0.0, 1.5, -4.0]), label="bn beta shift") if affine else 0.0
+    return BatchNorm(channels, eps, momentum, zeros, max(dim, 1), affine, mean_shift, var_scale, gamma_scale,
+                     beta_shift)
 
 
 def _strategy(value, default_choices) -> st.SearchStrategy:
