@@ -99,6 +99,15 @@ def default_expectations() -> str:
     return str(importlib.resources.files("qref").joinpath("default_expectations.toml"))
 
 
+def default_artifacts_dir() -> Path:
+    """Where ``qref check`` writes reproducers unless ``--artifacts`` says (created only when a
+    property fails): a new directory under the system's temporary directory."""
+    import tempfile
+    import time
+
+    return Path(tempfile.gettempdir()) / f"qref-reproducers-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
 def pytest_args(options: argparse.Namespace, flow: str, suite: Path, passthrough: list[str]) -> list[str]:
     """pytest's command line for a check: the suite, isolated from the current directory's config."""
     args = [
@@ -124,6 +133,8 @@ def pytest_args(options: argparse.Namespace, flow: str, suite: Path, passthrough
         args += ["-p", "qref.plugin"]  # the pytest11 entry point is not loaded then
     if not options.verbose:
         args += ["-p", "qref.plugin.console"]
+        if getattr(options, "qref_artifacts", None) is None:  # each failure names a reproducer to run
+            args += ["--qref-artifacts", str(default_artifacts_dir())]
     for option in OPTIONS:
         value = getattr(options, option.dest, None)
         if not option.in_cli or option.name in ("flow", "expectations") or value is None or value is False:

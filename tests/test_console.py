@@ -73,6 +73,15 @@ def test_console_shows_header_progress_table_and_short_failures(suite):
         "qref verdict: 1 failed (*s)",
     ])
     assert not any(line.strip() in (".F", "F.", ".", "F") for line in out.splitlines())  # no result letters
+    assert "1 failed, 1 passed" not in out  # pytest's count line: the verdict line says it
+
+
+def test_console_leaves_out_xdist_status_lines(suite):
+    result = suite.runpytest_subprocess("-p", "qref.plugin.console", "--qref-converter", "fakeconv:good",
+                                        "-p", "no:randomly", "-n", "1")
+    out = result.stdout.str()
+    assert result.ret == 1 and "qref verdict: 1 failed" in out, out
+    assert "bringing up nodes" not in out and "[gw0]" not in out, out
 
 
 def test_without_the_console_pytest_output_is_unchanged(suite):

@@ -63,11 +63,20 @@ def pytest_cmdline_main(config: pytest.Config):
     no result letters (see Console.pytest_report_teststatus), no warnings summary, no tracebacks
     (each failure's message is printed after the table), no short summary."""
     option = config.option
-    option.verbose = min(getattr(option, "verbose", 0), -1)
+    option.verbose = min(getattr(option, "verbose", 0), -2)  # -2: no "N passed in T s" line either
     option.no_header = True
     option.disable_warnings = True
     option.tbstyle = "no"
     option.reportchars = "N"
+
+
+def _silence_xdist_status(config: pytest.Config) -> None:
+    """pytest-xdist's "bringing up nodes..." and worker status lines out (the progress line says
+    what runs); its other messages (a node going down) stay."""
+    reporter = config.pluginmanager.get_plugin("terminaldistreporter")
+    if reporter is not None:
+        reporter.ensure_show_status = lambda: None
+        reporter.rewrite = lambda *args, **kwargs: None
 
 
 class Console:
@@ -102,6 +111,7 @@ class Console:
     # --- header and progress ----------------------------------------------------------------------
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
+        _silence_xdist_status(self.config)
         for line in pytest_report_header(self.config) or []:
             self._line(line)
         workers = self.config.getoption("numprocesses", None)
