@@ -165,6 +165,12 @@ def check_zero_point_off_by_one(w: Pt2eWitness):
     assert w.outputs_differ()
 
 
+def check_uint8_stored_signed(w: Pt2eWitness):
+    assert {schema_arguments(q)["dtype"] for q in activation_quantizes(w.theirs)} == {torch.int8}
+    assert {schema_arguments(q)["dtype"] for q in activation_quantizes(w.ours)} == {torch.uint8}
+    assert not w.outputs_differ()  # the same real values: no numeric comparison sees it
+
+
 def check_int16_as_int8(w: Pt2eWitness):
     ranges = {(schema_arguments(q)["quant_min"], schema_arguments(q)["quant_max"]) for q in activation_quantizes(w.theirs)}
     assert ranges == {(-128, 127)}
@@ -369,6 +375,19 @@ def check_output_scale_off(w: FxWitness):
     assert pairs and all(b == a * (1 + 2**-10) for a, b in pairs)
 
 
+def check_weight_scales_collapsed(w: FxWitness):
+    ours, theirs = w.both()
+    schemes = (torch.per_channel_affine, torch.per_channel_symmetric)
+    per_channel = [(a.weight(), b.weight()) for a, b in zip(ours.modules(), theirs.modules())
+                   if callable(getattr(a, "weight", None)) and a.weight().qscheme() in schemes]
+    assert per_channel
+    for a, b in per_channel:
+        assert len(set(b.q_per_channel_scales().tolist())) == 1 < len(set(a.q_per_channel_scales().tolist()))
+    with torch.no_grad():
+        x = inputs(w.model_name, 0)
+        assert not torch.equal(ours(*x), theirs(*x))
+
+
 def check_none_qconfig_ignored(w: FxWitness):
     mapping = w.setup.convert_mapping(w.setup.mapping(w.qat), w.prepared())
     ours, theirs = w.both(qconfig_mapping=mapping)
@@ -566,6 +585,8 @@ PLANTED = {
     "zero_point_off_by_one": check_zero_point_off_by_one,
     "large_tensor_tail": check_large_tensor_tail,
     "int16_as_int8": check_int16_as_int8,
+    "uint8_stored_signed": check_uint8_stored_signed,
+    "weight_scales_collapsed": check_weight_scales_collapsed,
     "rank3_linear_input_float": check_rank3_linear_input_float,
     "nondeterministic_scale": check_nondeterministic_scale,
     "per_channel_scales_reversed": check_per_channel_scales_reversed,

@@ -39,6 +39,11 @@ def check(target: str, flow: str, tmp_path: Path, *pytest_args: str, shrink: boo
     return done.returncode, (json.loads(report.read_text()) if report.exists() else {}), output
 
 
+# a failed property whose reason says one of these did not judge the converter's numbers or contract
+NOT_A_VERDICT = ("the converter raised", "the converter timeout", "the converter exited", "converter crashed",
+                 "the converted model cannot run")
+
+
 def _failed(report: dict) -> list[str]:
     return [t["nodeid"] for t in report.get("tests", []) if t.get("status") == "failed"]
 
@@ -53,6 +58,10 @@ def test_quick_profile_kills_mutant(mutant, tmp_path):
     assert status == 1, (f"{mutant.name} ({mutant.bug_class}) survived the quick profile's "
                          f"'{mutant.caught_by}':\n{output}")
     assert _failed(report), f"exit status 1 but no failed property in the report:\n{output}"
+    # a kill is a numeric or contract verdict: none of these mutants' bugs is a crash
+    verdicts = [t for t in report["tests"] if t.get("status") == "failed"
+                and not any(m in (t.get("reason") or "") for m in NOT_A_VERDICT)]
+    assert verdicts, f"{mutant.name}: only crashes or models that cannot run failed, no verdict:\n{output}"
 
 
 @pytest.mark.parametrize("target, flow", [("qref-pt2e", "pt2e"), ("torchao-pt2e", "pt2e"),

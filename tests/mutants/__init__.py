@@ -66,6 +66,10 @@ _ALL = [
           "activation quantize of tensors with more than 4096 elements truncates instead of "
           "rounding every element past the 4096th (a second kernel chunk on another code path)",
           ("mobilenet_v2_like", "qref_int8_sym", False)),
+    _pt2e("uint8_stored_signed", "activation-dtype",
+          "uint8 activations are stored as int8 with zero point - 128: the same real values in another "
+          "integer type than the quantizer annotated (caught only by the dtype check at each point)",
+          ("linear", "qref_uint8_hist", False)),
     _pt2e("int16_as_int8", "int16",
           "int16 activations are quantized with int8's range [-128, 127] (a converter written for "
           "8-bit activations only); shows only on int16 setups",
@@ -168,6 +172,10 @@ _ALL = [
     _fx("output_scale_off", "kernel-output-scale",
         "lowered quantized modules get output scale * (1 + 2**-10)",
         ("mlp", "fbgemm", False), "test_equivalence.py or test_kernels.py"),
+    _fx("weight_scales_collapsed", "fx-weight-packing",
+        "per-channel weights of lowered convs and linears are packed with one scale (their largest "
+        "channel's) instead of each channel's own: the FX weight quantization and packing",
+        ("conv_bn_relu", "fbgemm", False), "test_equivalence.py or test_kernels.py"),
     _fx("none_qconfig_ignored", "qconfig-mapping-none",
         "None entries of convert_fx's qconfig_mapping are ignored: skipped modules are "
         "quantized anyway",

@@ -146,6 +146,24 @@ def dynamic_activation_qparams_frozen(model, convert_custom_config=None, _remove
     return converted
 
 
+def weight_scales_collapsed(model, convert_custom_config=None, _remove_qconfig=True, qconfig_mapping=None,
+                            backend_config=None):
+    """Per-channel weights of lowered convs and linears are packed with one scale, the largest channel's."""
+    converted = qref.convert_fx(model, convert_custom_config, _remove_qconfig, qconfig_mapping,
+                                backend_config)
+    for module in converted.modules():
+        weight = getattr(module, "weight", None)
+        if not (callable(weight) and hasattr(module, "set_weight_bias")):
+            continue
+        w = weight()
+        if w.is_quantized and w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            scales = torch.full_like(w.q_per_channel_scales(), float(w.q_per_channel_scales().max()))
+            packed = torch.quantize_per_channel(w.dequantize(), scales, w.q_per_channel_zero_points(),
+                                                w.q_per_channel_axis(), w.dtype)
+            module.set_weight_bias(packed, module.bias())
+    return converted
+
+
 def _truncated_to_float16(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` in float16 rounded toward zero (mantissa bits cut) instead of to nearest."""
     nearest = weight.to(torch.float16)

@@ -93,6 +93,22 @@ def zero_point_off_by_one(model, use_reference_representation=False, fold_quanti
     return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
 
 
+def uint8_stored_signed(model, use_reference_representation=False, fold_quantize=True):
+    """uint8 activations are stored as int8 with zero point - 128 (the same values, another dtype)."""
+    # a converter that keeps every activation signed: a backend that picks its kernel by dtype
+    # gets the wrong one; only a dtype check sees it
+
+    def edit(gm):
+        for q in activation_quantizes(gm):
+            args = schema_arguments(q)
+            if args["dtype"] == torch.uint8 and isinstance(args["zero_point"], int):
+                for node in [q, *dequantizes_of(q)]:
+                    set_args(node, zero_point=args["zero_point"] - 128, quant_min=-128, quant_max=127,
+                             dtype=torch.int8)
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
 def int16_as_int8(model, use_reference_representation=False, fold_quantize=True):
     """int16 activations are quantized with int8's range [-128, 127] (written for 8-bit only)."""
 
