@@ -6,6 +6,11 @@ with the reference's input qparams, and its output is compared with the referenc
 lowered module's grid, in integer steps. So errors do not compound across layers and the kernel's
 own contract (<= 1 LSB) is what is measured, also where :func:`~qref.compare.compare_lowered` has
 no module point (a Linear with a ReLU before its quantize, degenerate-scale pins).
+
+It measures and does not judge: the statistics of the contract tables (docs/kernel-contracts.md,
+tests/test_fx_kernels.py), over every weighted module, where ``compare_lowered`` judges each
+quantize point with a Tolerance for the properties.  Merging the two would give the judge
+points that do not exist in the reference graph, or the measurement fewer modules.
 """
 
 from __future__ import annotations
