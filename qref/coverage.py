@@ -150,8 +150,9 @@ _SHORT_DTYPE = {"uint8": "u8", "int8": "i8", "int16": "i16", "int32": "i32", "ui
 
 
 def matrix_lines(counts: Counter, universe: dict[str, tuple] | None = None) -> list[str]:
-    """A compact matrix: one row per op, one column per stage, each cell the activation dtypes
-    compared there (``.`` none); then the known values this run never compared."""
+    """A compact matrix: one row per op compared at all, one column per stage, each cell the
+    activation dtypes compared there (``.`` none); then the known values this run never compared
+    (the ops without a row among them)."""
     universe = known() if universe is None else universe
     stages = [s for s in universe["stage"] if any(c.stage == s for c in counts)] or list(universe["stage"])
     ops = [op for op in universe["op"] if op != PRIMITIVE] + [PRIMITIVE]
@@ -165,8 +166,8 @@ def matrix_lines(counts: Counter, universe: dict[str, tuple] | None = None) -> l
              "  " + " " * width + "  " + "  ".join(s.ljust(w) for s, w in zip(stages, widths))]
     for op in ops:
         row = [",".join(sorted(cells.get((op, s), ()))) or "." for s in stages]
-        if op == PRIMITIVE and all(r == "." for r in row):
-            continue
+        if all(r == "." for r in row):
+            continue  # listed under "never compared"
         lines.append("  " + op.ljust(width) + "  " + "  ".join(r.ljust(w) for r, w in zip(row, widths)))
     gaps = missing(counts, universe)
     if gaps:

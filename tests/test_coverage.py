@@ -118,8 +118,7 @@ def test_missing_and_matrix_name_what_was_never_compared():
     lines = coverage.matrix_lines(counts, universe)
     (conv_row,) = [line for line in lines if line.strip().startswith("conv2d")]
     assert "u8" in conv_row
-    (linear_row,) = [line for line in lines if line.strip().startswith("linear ")]
-    assert "u8" not in linear_row and "." in linear_row
+    assert not [line for line in lines if line.strip().startswith("linear ")]  # no row: never compared
     assert lines[-1].startswith("  never compared:") and "linear" in lines[-1]
     assert coverage.not_covered(["conv2d", "linear", "minmax"], counts) == ["linear"]
 
