@@ -16,6 +16,7 @@ from fixtures import fx_setups
 from fixtures.prepare import inputs
 from fixtures.zoo import ZOO
 from qref.compare import EXACT, Tolerance, compare, compare_lowered
+from qref.pt2e.ops import schema_arguments
 from tests.mutants import MUTANTS
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -84,6 +85,45 @@ def test_representation_rounds_half_up_shows_only_at_ties(prepared_cache):
     assert compare(qdq, plain, [(x,)], EXACT).ok
 
 
+def _float_output_scales(gm) -> list:
+    from tests.mutants.verdicts import _float_output_dequantizes
+
+    return [schema_arguments(dq)["scale"] for dq in _float_output_dequantizes(gm)]
+
+
+def check_float_output_dequantize_rescaled(w):
+    ours, theirs = _float_output_scales(w.ours), _float_output_scales(w.theirs)
+    assert ours and theirs == [s * (1 + 2**-8) for s in ours], "the witness's last linear reads a rescaled input"
+    result = compare(w.ours, w.theirs, [inputs(w.model_name, s) for s in range(3)], EXACT)
+    assert not result.missing and not result.extra and all(p.ok for p in result.points.values())
+    (output,) = result.outputs.values()  # a float output: nothing but the float-output verdict sees it
+    assert not output.ok and output.max_lsb is None and "float output" in output.note, result.message()
+    assert w.same_elsewhere("linear", "qref_int8_sym")  # every output there is a dequantize
+
+
+def check_float_op_input_requantized(w):
+    result = compare(w.ours, w.theirs, [inputs(w.model_name, s) for s in range(3)], EXACT)
+    assert result.extra and not result.missing, result.message()
+    assert result.failures == list(result.extra), "only the extra point fails"
+    assert not w.outputs_differ() and not w.outputs_differ(w.calibration())  # requantized on its own grid
+    assert w.same_elsewhere("linear", "qref_int8_sym")  # no float output there
+
+
+def check_weighted_output_keeps_input_qparams(w):
+    from tests.mutants.fx import _input_qparams
+
+    ours, theirs = w.both()
+    pairs = [(ours.get_submodule(n.target), theirs.get_submodule(n.target), _input_qparams(ours, n))
+             for n in ours.graph.nodes if n.op == "call_module"]
+    assert len(pairs) == 3  # fc1, fc2, fc3: each weighted
+    for a, b, (scale, zero_point) in pairs:
+        assert (b.scale, b.zero_point) == (scale, zero_point) != (a.scale, a.zero_point)
+    with qref.use_engine("fbgemm", threads=1):
+        reference = qref.convert_to_reference_fx(w.prepared())
+        result = compare_lowered(reference, theirs, w.batches(), Tolerance.kernel("fbgemm"))
+    assert "output qparams differ" in result.points["fc1"].mismatch, result.message()
+
+
 # Witness checks for tests/test_mutants_sanity.py's PLANTED registry (which covers every mutant):
 # each takes that file's witness object (FxWitness, or Pt2eWitness with its prepared cache).
 PLANTED = {
@@ -91,4 +131,7 @@ PLANTED = {
     "same_scale_error_on_every_engine":
         lambda w: test_same_scale_error_on_every_engine_agrees_across_engines_but_not_with_the_reference(),
     "representation_rounds_half_up": lambda w: test_representation_rounds_half_up_shows_only_at_ties(w.cache),
+    "float_output_dequantize_rescaled": check_float_output_dequantize_rescaled,
+    "float_op_input_requantized": check_float_op_input_requantized,
+    "weighted_output_keeps_input_qparams": check_weighted_output_keeps_input_qparams,
 }

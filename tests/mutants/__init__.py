@@ -176,6 +176,11 @@ _ALL = [
         "per-channel weights of lowered convs and linears are packed with one scale (their largest "
         "channel's) instead of each channel's own: the FX weight quantization and packing",
         ("conv_bn_relu", "fbgemm", False), "test_equivalence.py or test_kernels.py"),
+    _fx("weighted_output_keeps_input_qparams", "fx-weighted-output-qparams",
+        "lowered convs and linears output on their input's scale and zero point instead of their own (qparams "
+        "propagated as through an op without weights, which may keep its input's grid): the kernel family's "
+        "check of each lowered module on its own output qparams",
+        ("mlp", "fbgemm", False), "test_kernels.py"),
     _fx("none_qconfig_ignored", "qconfig-mapping-none",
         "None entries of convert_fx's qconfig_mapping are ignored: skipped modules are "
         "quantized anyway",
@@ -232,6 +237,16 @@ _ALL = [
            "the reference representation's quantizes round ties up (floor(x + 0.5)) instead of to even: "
            "1 LSB at a quantize, at ties only",
            ("linear", "qref_int8_sym", False), "test_reference_representation_matches_reference"),
+    Mutant("float_output_dequantize_rescaled", "pt2e", "tests.mutants.verdicts:float_output_dequantize_rescaled",
+           "float-output", "the dequantizes after which the graph computes a float output (an op the quantizer "
+           "left float, e.g. X86InductorQuantizer's last linear) use scale * (1 + 2**-8): no quantize point "
+           "changes, only the float output (judged bit for bit at the exact tolerance)",
+           ("linear", "x86_ptq_pt", False), EQUIVALENCE),
+    Mutant("float_op_input_requantized", "pt2e", "tests.mutants.verdicts:float_op_input_requantized",
+           "extra-quantize-point", "the input of each op whose float output the graph returns is quantized and "
+           "dequantized again on its own grid (a redundant q/dq pair): no value changes, but the candidate has "
+           "a quantize point the reference does not (an extra point)",
+           ("linear", "x86_ptq_pt", False), EQUIVALENCE),
     Mutant("qat_held_qparams", "pt2e", "tests.mutants.qat:qat_held_qparams", "qat-held-qparams",
            "where a fake-quantizer holds other qparams than its observer reports (torch's fused "
            "moving-average fake-quant: no eps, affine qparams for a same-signed channel of a symmetric "

@@ -224,3 +224,37 @@ def every_graph_input_gets_first_qparams(model, convert_custom_config=None, _rem
         for first_qparam, qparam in zip(inputs[0].args[1:3], later.args[1:3]):
             setattr(converted, qparam.target, getattr(converted, first_qparam.target))
     return converted
+
+
+def _input_qparams(converted, node) -> tuple | None:
+    """(scale, zero_point) of the quantized tensor ``node`` reads first: a quantize's or a lowered module's."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, torch.fx.Node):
+        return None
+    if source.op == "call_function" and source.target is torch.quantize_per_tensor:
+        scale, zero_point = (getattr(converted, a.target) for a in source.args[1:3])
+        return float(scale), int(zero_point)
+    if source.op == "call_module":
+        module = converted.get_submodule(source.target)
+        if isinstance(getattr(module, "scale", None), float):
+            return module.scale, int(module.zero_point)
+    return None
+
+
+def weighted_output_keeps_input_qparams(model, convert_custom_config=None, _remove_qconfig=True,
+                                        qconfig_mapping=None, backend_config=None):
+    """Lowered convs and linears output on their input's scale and zero point instead of their own."""
+    # qparams propagated through a weighted op as through an activation or a pool, which may keep
+    # its input's grid: the reference graph allows that for ops without weights only
+    converted = qref.convert_fx(model, convert_custom_config, _remove_qconfig, qconfig_mapping,
+                                backend_config)
+    changes = []
+    for node in converted.graph.nodes:
+        if node.op == "call_module":
+            module = converted.get_submodule(node.target)
+            qparams = _input_qparams(converted, node)
+            if hasattr(module, "set_weight_bias") and isinstance(getattr(module, "scale", None), float) and qparams:
+                changes.append((module, qparams))
+    for module, (scale, zero_point) in changes:  # each its input's qparams as qref lowered them
+        module.scale, module.zero_point = scale, zero_point
+    return converted
