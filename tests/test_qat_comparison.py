@@ -157,9 +157,12 @@ def test_conv_bn_examples_keep_their_drawn_eps_and_are_compared():
         _, bn = folding._conv_and_bn(case.float_model())
         assert folding._kept(folding._prepared_keeping_bn(case, bn), bn)
         assert not folding._kept(case.prepared(), bn) or bn.eps == folding.DEFAULT_BN_EPS
-    # the one remaining skip is the int32 bias reaching the int32 ends
+    # the remaining skips are the int32 bias reaching the int32 ends, which an all-zero calibration
+    # does (the input scale at its floor, so a bias off zero, e.g. a running mean drawn far from
+    # zero, is beyond 2**31 bias steps): every case calibrated on anything else is compared
     assert set(counted.causes) <= {"int32 bias reaches the int32 ends in the reference conversion"}
-    assert counted.compared >= counted.drawn - 1, counted.summary()
+    calibrated = sum(any(bool(t.any()) for batch in case.calibration for t in batch) for case in seen)
+    assert counted.compared >= calibrated > 0, counted.summary()
 
 
 def test_a_product_of_activations_takes_the_qat_model_beyond_one_lsb_per_requantization():
