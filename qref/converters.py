@@ -333,9 +333,12 @@ def describe_error(exc: BaseException) -> str:
 def _root_cause(exc: BaseException) -> str:
     """``; from KeyError: ... (at ...)``: the exception a wrapper (a pass manager, a compiler)
     raised ``exc`` from, which says what went wrong; empty when nothing wraps it."""
-    inner = exc
+    inner, seen = exc, {id(exc)}
     while (getattr(inner, "inner_exception", None) or inner.__cause__) is not None:
         inner = getattr(inner, "inner_exception", None) or inner.__cause__
+        if id(inner) in seen:  # `raise e from e`: a cycle
+            break
+        seen.add(id(inner))
     if inner is exc:
         return ""
     return f"; from {type(inner).__name__}: {_one_line(inner)}{where_raised(inner)}"

@@ -12,7 +12,7 @@
     failure = "cannot run"       # optional: expected only when the failure message matches (regex)
     max_lsb = 2           # optional: not an expected failure but a looser tolerance (in LSB)
     not_exercised = true  # optional: not an expected failure: the property may compare no example
-    anywhere = true       # optional, with failure: the defect may show in any property it matches
+    anywhere = true       # optional, with failure: an example showing it is not compared; the rest are
 
 ``test`` is a glob matched against the test id (``properties/test_x.py::test_y[params]``), the id
 without its parameters, the test function's name and the property name (the function name
@@ -27,8 +27,10 @@ inactive; active entries that match no collected test are reported.  With ``fail
 that fails with another message is a failure, not an expected one (pin the known defect, not the
 property; not checked with ``--qref-expected-as-skip``, which does not run the test).  With
 ``anywhere = true`` (and a ``failure``) the entry is a converter's defect on one kind of model that
-many properties draw: a matched property that passes is reported as passed, not "did not occur",
-and the entry is reported "did not occur" only when no property failed with it.
+many properties draw: not an expected failure of the property, but of the example: an example on
+which the converter raises with that message is not compared (counted under the entry's reason)
+and the property goes on with the others, so that the defect hides nothing else; the entry is
+reported "did not occur" only when no example of any property showed it.
 
 This module imports neither torch nor hypothesis.
 """
@@ -46,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "KNOWN_DEFECT_MARKER",
+    "KNOWN_DEFECT_PREFIX",
     "Expectation",
     "ExpectationsError",
     "TOLERANCE_MARKER",
@@ -54,6 +58,8 @@ __all__ = [
 ]
 
 TOLERANCE_MARKER = "qref_max_lsb"
+KNOWN_DEFECT_MARKER = "qref_known_defect"
+KNOWN_DEFECT_PREFIX = "known upstream defect: "  # the cause an example it excuses is counted under
 _KEYS = {"test", "reason", "torch", "torchao", "engine", "converter", "failure", "max_lsb", "not_exercised",
          "anywhere"}
 DID_NOT_OCCUR = "did not occur: the upstream defect may be fixed; narrow or remove this entry"
@@ -84,10 +90,13 @@ class Expectation:
 
     @property
     def kind(self) -> str:
-        """``"xfail"`` (expected failure), ``"tolerance"`` (runs with ``max_lsb``) or
-        ``"not-exercised"`` (may compare no example)."""
+        """``"xfail"`` (expected failure), ``"tolerance"`` (runs with ``max_lsb``),
+        ``"not-exercised"`` (may compare no example) or ``"known-defect"`` (``anywhere``: an
+        example on which the converter fails so is not compared)."""
         if self.not_exercised:
             return "not-exercised"
+        if self.anywhere:
+            return "known-defect"
         return "xfail" if self.max_lsb is None else "tolerance"
 
     def matches(self, nodeid: str, function_name: str | None = None) -> bool:

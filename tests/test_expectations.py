@@ -13,7 +13,7 @@ DEFAULTS = load(files("qref") / "default_expectations.toml")
 
 @pytest.mark.parametrize("entry", DEFAULTS, ids=[e.test for e in DEFAULTS])
 def test_default_entry_names_its_failure_and_versions(entry):
-    assert entry.kind == "xfail"
+    assert entry.kind in ("xfail", "known-defect")
     assert entry.failure, f"{entry.test}: a default expectation names the failure message it expects"
     assert entry.torch or entry.torchao, f"{entry.test}: a default expectation names the versions it applies to"
     assert len(entry.reason) > 40

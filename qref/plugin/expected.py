@@ -28,6 +28,8 @@ def apply_expectations(config: pytest.Config, state: State, items: list) -> None
             if e.kind == "tolerance" and not tolerance_done:
                 item.add_marker(pytest.mark.qref_max_lsb(e.max_lsb, reason=e.reason))
                 tolerance_done = True
+            elif e.kind == "known-defect":
+                item.add_marker(pytest.mark.qref_known_defect(e.failure, reason=e.reason))
             elif e.kind == "not-exercised" and NOT_EXERCISED not in item.stash:
                 accept_not_exercised(item, e)
             elif e.kind == "xfail" and not xfail_done:
@@ -56,21 +58,19 @@ def expect_failure(item: pytest.Item, entry) -> None:
     item.stash[EXPECTED_FAILURE] = entry
 
 
+def _known_defect(item: pytest.Item, entry) -> None:
+    item.add_marker(pytest.mark.qref_known_defect(entry.failure, reason=entry.reason))
+
+
 def accept_not_exercised(item: pytest.Item, entry) -> None:
     """``item`` may compare no example, for the reason ``entry`` gives (reported, not failed)."""
     item.stash[NOT_EXERCISED] = entry
 
 
 def unexpected_failure_fails(item: pytest.Item, call, report) -> None:
-    """An expected failure whose message is not the entry's ``failure`` is a real failure; a
-    property that passed under an ``anywhere`` entry passed (the defect did not show there)."""
+    """An expected failure whose message is not the entry's ``failure`` is a real failure."""
     entry = item.stash.get(EXPECTED_FAILURE, None)
-    if entry is None or getattr(report, "wasxfail", None) is None:
-        return
-    if entry.anywhere and report.when == "call" and report.passed:
-        del report.wasxfail
-        return
-    if call.excinfo is None:
+    if entry is None or getattr(report, "wasxfail", None) is None or call.excinfo is None:
         return
     if entry.expects(str(call.excinfo.value)):
         return
@@ -115,9 +115,9 @@ def apply_default_expectations(items: list) -> None:
     from .session import version
 
     entries = [e for e in load(files("qref") / "default_expectations.toml")
-               if e.kind in ("xfail", "not-exercised")
+               if e.kind in ("xfail", "not-exercised", "known-defect")
                and e.inactive_because(version("torch"), None, None, version("torchao")) is None]
-    apply = {"xfail": expect_failure, "not-exercised": accept_not_exercised}
+    apply = {"xfail": expect_failure, "not-exercised": accept_not_exercised, "known-defect": _known_defect}
     for item in properties:
         name = getattr(item, "originalname", None) or item.name.split("[")[0]
         for kind, mark in apply.items():

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from qref import report as _report
-from qref.expectations import TOLERANCE_MARKER
+from qref.expectations import KNOWN_DEFECT_MARKER, TOLERANCE_MARKER
 
 PROFILES = ("quick", "default", "thorough")
 FLOWS = ("pt2e", "fx")
@@ -75,6 +75,7 @@ MARKERS = (
     "qref_tier(name): tier, run in this order: " + " < ".join(TIERS),
     "qref_flow(name): the conversion flow a test checks: pt2e or fx (absent: flow independent)",
     f"{TOLERANCE_MARKER}(n): tolerance override in LSB from an expectations entry",
+    f"{KNOWN_DEFECT_MARKER}(failure, reason): an example on which the converter fails so is not compared",
 )
 
 

@@ -164,14 +164,13 @@ class Controller:
         return [e for e in s.expectations if e.index not in s.inactive and e.index not in s.matched]
 
     def _occurred_nowhere(self) -> list:
-        """``anywhere`` entries that matched tests of which none failed with them (not judged
-        with --qref-expected-as-skip, which runs none of them)."""
+        """``anywhere`` entries that matched tests in none of whose examples the defect showed."""
         s = self.state
-        if self.config.option.qref_expected_as_skip:
-            return []
-        occurred = {o.reason for o in s.outcomes.outcomes() if o.status == "xfailed"}
+        from qref.expectations import KNOWN_DEFECT_PREFIX
+
+        occurred = {cause for o in s.outcomes.outcomes() for cause in o.not_compared}
         return [e for e in s.expectations if e.anywhere and e.index in s.matched and e.index not in s.inactive
-                and e.reason not in occurred]
+                and KNOWN_DEFECT_PREFIX + e.reason not in occurred]
 
     def _expectations_json(self) -> dict | None:
         state = self.state
