@@ -196,18 +196,55 @@ def _near_tie_steps(v, qp):
     return ((steps - steps.floor() - 0.5).abs() < _NEAR_TIE) * scale
 
 
-def _expected_from_float(reference, conv, bn, x):
+def _conv_node(gm):
+    return next(n for n in gm.graph.nodes
+                if n.op == "call_function" and "conv" in str(n.target) and is_call(n.args[0], DEQUANTIZE))
+
+
+def _weight_value(gm, node):
+    """The value the graph's weight subgraph (constants, quantize, dequantize) computes at ``node``;
+    None where it reads a graph input."""
+    if node.op == "get_attr":
+        return functools.reduce(getattr, node.target.split("."), gm)
+    if node.op != "call_function":
+        return None
+    values = []
+    args = torch.fx.node.map_arg(node.args, lambda a: values.append(_weight_value(gm, a)) or values[-1])
+    if any(v is None for v in values):
+        return None
+    return node.target(*args, **node.kwargs)
+
+
+def _candidate_weight(candidate):
+    """The candidate's dequantized conv weight (float64), or None where its graph computes it
+    otherwise than from constants."""
+    try:
+        value = _weight_value(candidate, _conv_node(candidate).args[1])
+    except (StopIteration, RuntimeError, TypeError, AttributeError):
+        return None
+    return None if value is None else value.double()
+
+
+def _expected_from_float(reference, conv, bn, x, candidate_weight=None):
     """Eval-mode bn(conv(x)) of the float model, folded in float64 and quantized like ``reference``:
     (expected, output qparams or None for a float output, float bound or None, tie bound) or None
-    where the reference's int32 bias reaches the int32 ends.  The tie bound is how far the output
-    may move where a folded weight or bias lies near a rounding tie (``_near_tie_steps``)."""
-    conv_node = next(n for n in reference.graph.nodes
-                     if n.op == "call_function" and "conv" in str(n.target) and is_call(n.args[0], DEQUANTIZE))
+    where the reference's int32 bias reaches the int32 ends.
+
+    A converter folds in float32 (gamma * rsqrt(var + eps), whose last bit follows the CPU), so a
+    folded weight that lies within ``_NEAR_TIE`` steps of a rounding tie may round to the
+    neighbouring integer: there, and only where the candidate's weight (``candidate_weight``) is
+    that neighbour, the expected output uses the candidate's weight.  The tie bound is one bias
+    step where the folded bias lies near a tie (the bias is rounded at run time)."""
+    conv_node = _conv_node(reference)
     x_dq, w_dq = conv_node.args[0], conv_node.args[1]
     w, b = _closed_form(conv, bn)
     x_hat = _fake_quant(x.double(), _qparams(reference, x_dq))
     w_qp = _qparams(reference, w_dq.args[0] if is_call(w_dq.args[0], QUANTIZE) else w_dq)
-    w_hat, w_ties, b_ties = _fake_quant(w, w_qp), _near_tie_steps(w, w_qp), None
+    w_hat, b_ties = _fake_quant(w, w_qp), None
+    step = _near_tie_steps(w, w_qp)
+    if candidate_weight is not None and candidate_weight.shape == w_hat.shape:
+        apart = (step > 0) & ((candidate_weight - w_hat).abs() - step).abs().le(step * 1e-3)
+        w_hat = torch.where(apart, candidate_weight, w_hat)
     if len(conv_node.args) > 2 and isinstance(conv_node.args[2], torch.fx.Node) and is_call(conv_node.args[2], DEQUANTIZE):
         bias_q = conv_node.args[2].args[0]
         bias_qp = _qparams(reference, bias_q if is_call(bias_q, QUANTIZE) else conv_node.args[2])
@@ -217,7 +254,7 @@ def _expected_from_float(reference, conv, bn, x):
             return None
         b, b_ties = _fake_quant(b, bias_qp), _near_tie_steps(b, bias_qp)
     y = _conv(conv, x_hat, w_hat, b)
-    ties = _conv(conv, x_hat.abs(), w_ties, b_ties)
+    ties = _conv(conv, x_hat.abs(), torch.zeros_like(w_hat), b_ties) if b_ties is not None else torch.zeros_like(y)
     out_q = [u for u in conv_node.users if is_call(u, QUANTIZE)]
     if not out_q:
         bound = 1e-5 * _conv(conv, x_hat.abs(), w_hat.abs(), b.abs()) + 1e-6
@@ -339,7 +376,7 @@ def _against_float_model(candidate, reference, conv, bn, case):
     against the float model's fold with ``bn``; None where the int32 bias saturates."""
     worst = None
     for i, (x,) in enumerate(case.inputs):
-        found = _expected_from_float(reference, conv, bn, x)
+        found = _expected_from_float(reference, conv, bn, x, _candidate_weight(candidate))
         if found is None:
             return None
         expected, out_qp, float_bound, ties = found
@@ -362,8 +399,8 @@ def _against_float_model(candidate, reference, conv, bn, case):
         if bool((off > allowed).any()):
             at = int((off - allowed).argmax())
             near = int(allowed.reshape(-1)[at].item()) - 1
-            ties_said = (f" + {near} where folded weights or the bias lie within {_NEAR_TIE:g} steps of a "
-                         "rounding tie (a float32 fold may round them apart from the float64 one)") if near else ""
+            ties_said = (f" + {near} where the folded bias lies within {_NEAR_TIE:g} steps of a rounding "
+                         "tie (a float32 fold may round it apart from the float64 one)") if near else ""
             return worst, (f"conv-bn output is {int(off.reshape(-1)[at].item())} LSB from the float model's eval "
                            f"bn(conv(x)) (eps={bn.eps:g}) quantized with the same qparams, on input #{i} (allowed "
                            f"1: float32 accumulation order near rounding ties{ties_said}); check eps, running "

@@ -298,7 +298,8 @@ def test_a_float32_fold_may_round_a_near_tie_weight_apart_from_the_float64_one()
     gamma * rsqrt(var + eps) (qref and torch alike; rsqrt's last bit follows the CPU's vector
     code), the property's closed form in float64, and where the folded weight lies at a tie of the
     weight scale the two round to neighbouring integers.  Every such weight is one the property's
-    ``_near_tie_steps`` marks, and only those move the output beyond the 1 LSB."""
+    ``_near_tie_steps`` marks: there, and only there, it takes the candidate's neighbouring
+    integer for the expected output (``_expected_from_float``)."""
     from properties.test_folding import _closed_form, _near_tie_steps
 
     channels, scale = 7, 0.01
