@@ -287,7 +287,7 @@ def _fx_matches_reference(subject, case, premise=None):
         try:  # what the engine refuses to run (qref.engines.ENGINE_LIMITS) is not the converter's
             reference(*case.inputs[0])
         except RuntimeError as error:
-            cause = engine_limit(case.setup.engine, error)
+            cause = engine_limit(case.setup.engine, error, reference)
             if cause is None:
                 raise
             subject.not_compared(f"{case.setup.engine} cannot run this model: {cause}")

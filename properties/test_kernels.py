@@ -40,10 +40,11 @@ def _engine_runs(subject, case, engine) -> bool:
     """Whether qref's own lowering runs on ``engine``: what the engine refuses to run
     (``qref.engines.ENGINE_LIMITS``) is not the converter's; any other error is qref's, reported."""
     with qref.use_engine(engine, threads=1):
+        lowered = qref.convert_fx(case.prepared())
         try:
-            qref.convert_fx(case.prepared())(*case.inputs[0])
+            lowered(*case.inputs[0])
         except RuntimeError as error:
-            cause = engine_limit(engine, error)
+            cause = engine_limit(engine, error, lowered)
             if cause is None:
                 raise
             subject.not_compared(f"{engine} cannot run this model: {cause}")

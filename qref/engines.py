@@ -362,25 +362,41 @@ def known_deviation(engine: str, layer: Layer, lsb: int) -> KernelDeviation | No
 
 # What an engine refuses to run at all, by the message its kernel raises: a model qref's own
 # lowering cannot run there is not compared on that engine (any other error is reported).
+# qnnpack raises one message for every operator it cannot create: the scale ratios its cause
+# names, but also a zero or non-finite scale, which is a lowering's error (``engine_limit``).
 ENGINE_LIMITS = (
     (("qnnpack",), r"failed to create QNNPACK (Add|Average Pooling|Global Average Pooling) operator",
      "qnnpack's add accepts input-to-output scale ratios in [2**-14, 2**8) only, its average "
      "pooling ratios in [2**-8, 2**8)"),
     (("onednn",), r"ONEDNN only supports zero output_padding",
      "onednn's transposed conv takes no output_padding"),
-    (("onednn",), r"ONEDNN only supports symmetric quantization of weight",
-     "onednn's conv and linear take symmetric weights only (weight zero point 0)"),
 )
 
 
-def engine_limit(engine: str, error: BaseException) -> str | None:
-    """The engine limit (``ENGINE_LIMITS``) that ``error``, raised running a lowered model on
-    ``engine``, is; None when it is none of them (then the error is the lowering's)."""
+def _scales_finite_and_positive(lowered) -> bool:
+    for module in lowered.modules():
+        scale = getattr(module, "scale", None)
+        if isinstance(scale, torch.Tensor):
+            scale = scale.double()
+        elif not isinstance(scale, float):
+            continue
+        if not bool(torch.all(torch.isfinite(torch.as_tensor(scale)) & (torch.as_tensor(scale) > 0))):
+            return False
+    return True
+
+
+def engine_limit(engine: str, error: BaseException, lowered=None) -> str | None:
+    """The engine limit (``ENGINE_LIMITS``) that ``error``, raised running ``lowered`` (a lowered
+    model) on ``engine``, is; None when it is none of them (then the error is the lowering's): a
+    lowered model with a zero or non-finite output scale is never within a limit."""
     import re
 
     text = str(error)
-    return next((cause for names, pattern, cause in ENGINE_LIMITS
-                 if engine in names and re.search(pattern, text)), None)
+    cause = next((cause for names, pattern, cause in ENGINE_LIMITS
+                  if engine in names and re.search(pattern, text)), None)
+    if cause is not None and lowered is not None and not _scales_finite_and_positive(lowered):
+        return None
+    return cause
 
 
 def thread_deviation(engine: str, threads: int | None = None) -> str | None:

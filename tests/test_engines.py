@@ -189,13 +189,7 @@ def _onednn_transposed_conv_with_output_padding():
     nnq.ConvTranspose2d(2, 2, 3, stride=2, output_padding=1)
 
 
-def _onednn_asymmetric_weight():
-    linear = nnq.Linear(2, 2)
-    linear.set_weight_bias(torch.quantize_per_tensor(torch.randn(2, 2), 0.1, 3, torch.qint8), None)
-
-
-LIMITED = [("qnnpack", _qnnpack_add_of_far_scales, 0), ("onednn", _onednn_transposed_conv_with_output_padding, 1),
-           ("onednn", _onednn_asymmetric_weight, 2)]
+LIMITED = [("qnnpack", _qnnpack_add_of_far_scales, 0), ("onednn", _onednn_transposed_conv_with_output_padding, 1)]
 
 
 @pytest.mark.parametrize("engine, refused, limit", [c for c in LIMITED if c[0] in engines()],
@@ -213,3 +207,11 @@ def test_another_error_is_no_engine_limit():
     assert engine_limit("qnnpack", refused) is not None
     assert engine_limit("fbgemm", refused) is None  # another engine's limit
     assert engine_limit("qnnpack", RuntimeError("Weight must be provided")) is None  # a lowering's own error
+    # qnnpack's message is the same for a zero or non-finite scale: then the lowering is wrong
+    lowered = torch.nn.Module()
+    lowered.add = torch.ao.nn.quantized.QFunctional()
+    assert engine_limit("qnnpack", refused, lowered) is not None
+    lowered.add.scale = 0.0
+    assert engine_limit("qnnpack", refused, lowered) is None
+    lowered.add.scale = float("nan")
+    assert engine_limit("qnnpack", refused, lowered) is None
