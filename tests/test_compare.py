@@ -386,6 +386,24 @@ def test_a_tiny_scale_error_fails_even_where_the_integers_agree(fbgemm_mlp):
     assert all(result.points[k].kind == "module" for k in ("fc1", "fc2", "fc3"))
 
 
+def test_a_lowered_op_on_a_coarser_allowed_grid_is_judged_on_its_own_grid():
+    """Found by the real-converter proof at seed 1 (qref-fx and torch-fx alike): a lowered tanh
+    outputs on its fixed qparams (1/128, zero point 128) where the reference's observer saw a tiny
+    range (scale 2**-23); on the reference's grid the candidate's nearest value, 0, was 72 LSB
+    off. It is judged on its own, coarser grid, and a value a step away there still fails."""
+    from qref.compare.judge import _judge
+    from qref.qparams import QParams
+
+    tiny = QParams(scale=2.0**-23, zero_point=0, quant_min=0, quant_max=255, dtype=torch.uint8, axis=None)
+    fixed = QParams(scale=1 / 128, zero_point=128, quant_min=0, quant_max=255, dtype=torch.uint8, axis=None)
+    expected = [torch.tensor([0, 72, 30], dtype=torch.uint8)]  # tanh of ~8.6e-6 and less
+    nearest = [torch.tensor([128, 128, 128], dtype=torch.uint8)]  # 0: the nearest the fixed grid has
+    kept = _judge("tanh1", "module", "tanh1", 1, EXACT, expected, nearest, [], [], tiny, fixed, keeps=(fixed,))
+    assert kept.ok and "compared on the candidate's grid" in kept.note, kept
+    wrong = [torch.tensor([128, 130, 128], dtype=torch.uint8)]  # 2/128 where the reference has ~0
+    assert not _judge("tanh1", "module", "tanh1", 1, EXACT, expected, wrong, [], [], tiny, fixed, keeps=(fixed,)).ok
+
+
 def test_a_lowered_op_may_keep_its_input_grid_only_where_the_reference_allows_it():
     """keeps: the qparams the reference graph allows besides its own (a weightless op's input)."""
     from torch import nn
