@@ -114,3 +114,51 @@ def test_a_broken_lowering_fails_the_backend_property(name, tmp_path):
                                    options=("--backend", f"tests.mutants.backends:{name}"), shrink=False)
     assert status == 1, output
     assert _failed(report) == [f"properties/test_backends.py::test_lowered_within_backend_contract[tests.mutants.backends:{name}]"], output
+
+
+def test_paired_linear_saturates_each_pair_of_products_in_int16():
+    from qref.backends.int16_pairs import paired_linear
+
+    x = torch.tensor([[255.0, 255.0, 255.0, 0.0]]) * 0.5  # uint8 255 at scale 0.5, zero point 0
+    w = torch.tensor([[127.0, 127.0, 127.0, 127.0]])
+    out = paired_linear(x, w, None, 0.5, 0, torch.tensor([1.0]))
+    # pairs: 255*127*2 = 64770 -> 32767, then 255*127 + 0 = 32385: not 3 * 32385
+    assert out.item() == (32767 + 32385) * 0.5
+    below = torch.tensor([[128.0, 128.0, 128.0, 0.0]]) * 0.5  # 128 * 127 * 2 fits int16: the exact sum
+    assert paired_linear(below, w, None, 0.5, 0, torch.tensor([1.0])).item() == 128 * 127 * 3 * 0.5
+
+
+def _x86_converted(model, x):
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from qref.quantizers import x86_ptq
+
+    prepared = prepare_pt2e(torch.export.export(model.eval(), (x,)).module(), x86_ptq(per_channel=True))
+    prepared(x)
+    return qref.convert_pt2e(prepared), convert_pt2e(prepared)
+
+
+@pytest.mark.parametrize("model,shape,pairs", [
+    (lambda: torch.nn.Linear(14, 9), (2, 14), True),
+    (lambda: torch.nn.Conv2d(5, 3, 2), (1, 5, 7, 7), True),  # an odd channel count: padded to even per tap
+    (lambda: torch.nn.Conv2d(8, 8, 3, groups=2, padding=1), (1, 8, 7, 7), True),
+    (lambda: torch.nn.Conv2d(8, 4, 1, groups=2), (1, 8, 7, 7), False),  # a grouped 1x1: exact
+    (lambda: torch.nn.Conv2d(4, 4, 3, groups=4), (1, 4, 7, 7), False),  # depthwise: exact
+])
+def test_inductor_kernels_follow_the_int16_pair_form_on_a_cpu_without_vnni(model, shape, pairs):
+    """inductor's onednn kernels on uint8 inputs above 127: exact on a VNNI CPU; on one without,
+    the int16_pairs form (to float rounding), which for these weights leaves the exact result
+    where the kernel pairs: the kernel form the backend property allows there."""
+    from qref.backends.int16_pairs import forms
+    from qref.engines import has_vnni
+
+    torch.manual_seed(0)
+    x = torch.rand(*shape) * 2 - 0.3  # wide: uint8 values up to 255, a non-zero zero point
+    reference, converted = _x86_converted(model(), x)
+    got = resolve("inductor").lower(converted, (x,))(x)
+    exact = (got - reference(x)).abs().max().item()
+    if has_vnni():
+        assert exact < 1e-5
+        return
+    assert min((got - form(x)).abs().max().item() for form in forms(reference)) < 1e-5
+    assert (exact > 1e-2) == pairs, exact

@@ -24,6 +24,24 @@ ENTRY_POINT_GROUP = "qref.backends"
 
 
 @dataclass(frozen=True)
+class KernelForm:
+    """A documented way a backend's kernels depart from exact arithmetic, written as references of
+    their own: ``forms(reference)`` rewrites qref's reference graph the way the kernels compute
+    (``[]`` where the model has nothing it changes).  An output that leaves the contract is judged
+    against those forms only where ``here()`` (e.g. on a CPU without VNNI), and passes only if it
+    is within the contract of one of them."""
+
+    name: str
+    cause: str
+    here: Callable[[], bool]
+    forms: Callable
+
+    def __post_init__(self) -> None:
+        if not self.cause:
+            raise ValueError(f"kernel form {self.name!r} needs a cause")
+
+
+@dataclass(frozen=True)
 class Backend:
     """A lowering and its contract: ``requires`` are the modules it imports, ``install`` says how
     to get them (the report's "not run: install ...")."""
@@ -37,6 +55,7 @@ class Backend:
     scope: str = ""  # what ``accepts`` admits and why (the report's note)
     float_relative: float = 0.0  # float outputs: allowed difference / their largest magnitude
     float_cause: str = ""  # why (required when float_relative is set)
+    kernel_forms: tuple[KernelForm, ...] = ()  # where its kernels depart from exact arithmetic, and how
 
     def __post_init__(self) -> None:
         if self.float_relative and not self.float_cause:
@@ -53,10 +72,10 @@ class BackendError(ValueError):
 
 
 def _inductor() -> Backend:
-    from .inductor import CONTRACT, FLOAT_CAUSE, FLOAT_RELATIVE, SCOPE, accepts, lower
+    from .inductor import CONTRACT, FLOAT_CAUSE, FLOAT_RELATIVE, KERNEL_FORMS, SCOPE, accepts, lower
 
     return Backend("inductor", lower, CONTRACT, accepts=accepts, scope=SCOPE, float_relative=FLOAT_RELATIVE,
-                   float_cause=FLOAT_CAUSE)
+                   float_cause=FLOAT_CAUSE, kernel_forms=KERNEL_FORMS)
 
 
 BUILTINS: dict[str, Callable[[], Backend]] = {"inductor": _inductor}

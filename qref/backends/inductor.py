@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 
 from ..compare.tolerance import Tolerance
+from ..engines import has_vnni
+from . import KernelForm, int16_pairs
 
 CONTRACT = Tolerance.depth_budget(
     1, cause=("inductor's quantized kernels requantize in integer arithmetic (onednn) and its fused "
@@ -23,6 +25,9 @@ SCOPE = ("X86InductorQuantizer setups only: torchao 0.18's x86 inductor passes l
          "activations, int8 weights) and fail on others instead of leaving them unfused: int16 activations "
          "(an assertion), int8 activations into a conv1d (packed_weights_conv1d refuses int8 inputs), a "
          "uint8 conv1d with padding beside a cat (a wrong output width); pinned in tests/test_backends.py")
+
+
+KERNEL_FORMS = (KernelForm("int16 pair saturation", int16_pairs.CAUSE, lambda: not has_vnni(), int16_pairs.forms),)
 
 
 def accepts(setup) -> bool:

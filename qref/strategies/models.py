@@ -1124,12 +1124,12 @@ def _attention_block(draw, shape: tuple) -> list:
 
 
 @st.composite
-def _input_shape(draw, rank: int | None = None, max_side: int = 10) -> tuple:
+def _input_shape(draw, rank: int | None = None, max_side: int = 10, min_side: int = 1) -> tuple:
     n = draw(st.sampled_from([2, 1]), label="batch")
     if rank is None:
         rank = draw(st.sampled_from([2, 1, 2, 0]), label="spatial rank")  # conv2d twice as often
     c = draw(st.integers(1, MAX_CHANNELS if rank else 16), label="input channels")
-    spatial = tuple(draw(st.integers(1, max_side), label="side") for _ in range(rank))
+    spatial = tuple(draw(st.integers(min_side, max_side), label="side") for _ in range(rank))
     if n * math.prod(spatial) == 1:
         n = 2  # BatchNorm in train mode needs two values per channel
     return (n, c, *spatial)
@@ -1183,11 +1183,14 @@ def _pattern_spec(draw, ctx: _Ctx, kinds) -> ModelSpec:
         return ModelSpec(shape, tuple(layers), draw(_seeds(), label="seed"))
     elif kind in ("two_inputs", "two_outputs"):
         shape = draw(_input_shape(rank=draw(st.sampled_from([2, 1, 0]), label="dim")), label="input shape")
-    else:
-        shape = draw(_input_shape(rank=draw(st.sampled_from([2, 1]), label="dim")), label="input shape")
+    else:  # a pool needs a side of 2 for its smallest window
+        shape = draw(_input_shape(rank=draw(st.sampled_from([2, 1]), label="dim"), min_side=2 if kind == "pool" else 1),
+                     label="input shape")
     layers: list = []
     if kind in ("pool", "flatten_linear", "matmul"):  # quantized input first: a conv (+relu)
         layers = draw(_block("conv", shape, ctx), label="conv before")
+        if kind == "pool" and min(propagate(layers, shape)[2:]) < 2:  # the conv left no room for a window
+            layers = [draw(_conv(shape, ctx, keep_shape=True), label="conv before"), *_maybe_act(draw)]
     elif kind in ("two_inputs", "two_outputs"):  # something to quantize on the first input
         layers = draw(_block("conv" if shape[2:] else "linear_act", shape, ctx), label="weighted before")
     if kind == "flatten_linear" and math.prod(propagate(layers, shape)[1:]) > MAX_FEATURES:
