@@ -236,9 +236,13 @@ class Subject:
         model), made ready for evaluation exactly as :meth:`convert` makes the candidate."""
         import qref
 
+        from qref import tally
+
         model = case.prepared() if model is None else model
         convert = qref.convert_pt2e if case.setup.flow == "pt2e" else qref.convert_fx
-        return evaluation_ready(convert(model, **kwargs), case)
+        reference = evaluation_ready(convert(model, **kwargs), case)
+        tally.compared_graph(case, reference)
+        return reference
 
     def convert(self, case, model=None, ready=True, **kwargs):
         """Convert ``model`` (default: a fresh copy of the case's prepared model) under the guard,

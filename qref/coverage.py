@@ -2,8 +2,10 @@
 its properties compared, and what the suite can draw that a run never compared.
 
 A combination is read from each *compared* example (``qref.tally`` calls :func:`of_example` with
-the example's drawn arguments): a model case gives one combination per op of its model, a
-qparams case of the primitive properties one for the q/dq primitive.  Imports no torch; the
+the example's drawn arguments): a model case gives one combination per op of its model that the
+reference conversion quantized (:func:`compared_ops`: an op the quantizer left float was not
+compared at any quantize point, so it is not covered), a qparams case of the primitive
+properties one for the q/dq primitive.  Imports no torch; the
 universe of known values (:func:`known`) imports the strategies when asked.
 """
 
@@ -32,14 +34,16 @@ class Combination(NamedTuple):
 AXES = Combination._fields
 
 
-def of_example(arguments: dict) -> list[Combination]:
-    """The combinations one compared example covers, from its drawn arguments."""
+def of_example(arguments: dict, ops: frozenset | None = None) -> list[Combination]:
+    """The combinations one compared example covers, from its drawn arguments; a model case's ops
+    are ``ops`` where the property said which it compared (:func:`compared_ops`), else all of its
+    model's."""
     out: list[Combination] = []
     values = list(arguments.values())
     values += [item for v in values if isinstance(v, tuple) for item in v]  # (tensor, qparams) draws
     for value in values:
         if hasattr(value, "spec") and hasattr(getattr(value, "setup", None), "flow"):
-            out.extend(_of_model_case(value))
+            out.extend(_of_model_case(value, ops))
         elif hasattr(value, "quant_min") and hasattr(value, "dtype") and hasattr(value, "axis"):
             out.append(_of_qparams(value))
         elif hasattr(value, "qparams") and hasattr(value.qparams, "dtype"):
@@ -52,7 +56,7 @@ WEIGHT_RANGES = {(-128, 127): "full-range", (-64, 63): "7-bit"}
 DYNAMIC_OPS = ("linear", "attention")  # ops whose linears a dynamic setup quantizes at run time
 
 
-def _of_model_case(case) -> list[Combination]:
+def _of_model_case(case, ops: frozenset | None = None) -> list[Combination]:
     setup = case.setup
     scheme = ("symmetric" if setup.symmetric else "affine") + (" narrow" if getattr(setup, "narrow_range", False)
                                                                else "") + (" reduce_range" if setup.reduce_range else "")
@@ -67,7 +71,7 @@ def _of_model_case(case) -> list[Combination]:
     dynamic = getattr(setup, "dynamic", False)
     return [Combination(op, ("dynamic " if dynamic and op in DYNAMIC_OPS else "") + scheme, dtype, observer,
                         weights if op in WEIGHTED_OPS else NO_WEIGHTS, stage, quantizer)
-            for op in sorted(case.spec.ops)]
+            for op in sorted(case.spec.ops if ops is None else ops)]
 
 
 def _of_qparams(q) -> Combination:
@@ -186,3 +190,87 @@ def not_covered(required: Iterable[str], counts: Counter) -> list[str]:
     seen = {value for c in counts for axis, v in zip(AXES, c)
             for value in (_covers(v) if axis in ("scheme", "weights") else {v})}
     return [value for value in required if value not in seen]
+
+
+# ----------------------------------------------------------------- ops the reference quantized
+
+# The op families of ModelSpec.ops, by the names of the graph targets that compute them: an aten
+# overload's name in a pt2e graph, a function's or module class's name in a lowered FX graph.
+# A family with none of these targets (attention, shared, flatten, a graph input or output) is
+# structure, not an op a quantizer leaves float: it keeps its place in the case's ops.
+FAMILY_TARGETS = {
+    "conv1d": ("conv1d", "Conv1d", "ConvReLU1d", "ConvBn1d", "ConvBnReLU1d"),
+    "conv2d": ("conv2d", "Conv2d", "ConvReLU2d", "ConvBn2d", "ConvBnReLU2d", "ConvAdd2d", "ConvAddReLU2d"),
+    "conv_transpose": ("conv_transpose1d", "conv_transpose2d", "ConvTranspose1d", "ConvTranspose2d"),
+    "linear": ("linear", "Linear", "LinearReLU", "LinearBn1d"),
+    "relu": ("relu", "relu_", "ReLU", "ConvReLU1d", "ConvReLU2d", "LinearReLU", "BNReLU2d", "add_relu"),
+    "relu6": ("relu6", "hardtanh", "hardtanh_", "ReLU6", "Hardtanh"),
+    "hardtanh": ("hardtanh", "hardtanh_", "Hardtanh"),
+    "sigmoid": ("sigmoid", "Sigmoid"), "tanh": ("tanh", "Tanh"),
+    "hardsigmoid": ("hardsigmoid", "Hardsigmoid"), "gelu": ("gelu", "GELU"), "silu": ("silu", "SiLU"),
+    "bn": ("batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+           "BatchNorm1d", "BatchNorm2d", "BNReLU2d"),
+    "cat": ("cat", "concat"), "embedding": ("embedding", "Embedding"),
+    "layer_norm": ("layer_norm", "LayerNorm"), "matmul": ("matmul", "bmm"),
+    "pool": ("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d",
+             "adaptive_avg_pool2d", "max_pool2d_with_indices", "MaxPool1d", "MaxPool2d", "AvgPool1d",
+             "AvgPool2d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d"),
+    "add": ("add", "add_", "add_relu", "iadd"), "softmax": ("softmax", "_softmax", "Softmax"),
+}
+
+_QUANTIZE = ("quantize_per_tensor", "quantize_per_channel", "quantize_per_tensor_dynamic")
+_DEQUANTIZE = ("dequantize_per_tensor", "dequantize_per_channel", "dequantize")
+
+
+def _target_name(graph_module, node) -> str | None:
+    """An aten overload's op name (``aten.conv2d.default`` -> ``conv2d``), a function's or method's
+    name, or a called module's class name."""
+    if node.op == "call_module":
+        return type(graph_module.get_submodule(node.target)).__name__
+    if node.op == "call_method":
+        return node.target
+    if node.op != "call_function":
+        return None
+    name = getattr(node.target, "__name__", str(node.target))
+    parts = str(node.target).split(".")
+    if len(parts) >= 3 and parts[0] in ("aten", "quantized", "quantized_decomposed"):  # op.name.overload
+        return parts[1]
+    return name
+
+
+def _quantized_module(graph_module, node) -> bool:
+    return node.op == "call_module" and ".quantized" in type(graph_module.get_submodule(node.target)).__module__
+
+
+def quantized_ops(graph_module) -> frozenset:
+    """The op families (:data:`FAMILY_TARGETS`) the converted ``graph_module`` computes on quantized
+    values: in a q/dq graph an op fed by a dequantize or feeding a quantize; in a lowered FX graph a
+    quantized module or an op on a value that a quantize or quantized op produced and no dequantize
+    took back to float.  Families with no node at all in the graph (a BatchNorm folded away) are
+    not named: :func:`compared_ops` keeps them."""
+    names = {n: _target_name(graph_module, n) for n in graph_module.graph.nodes}
+    quantized_value: dict = {}
+    out = set()
+    for node in graph_module.graph.nodes:
+        name = names[node] or ""
+        inputs = [a for a in node.all_input_nodes]
+        is_q = name in _QUANTIZE or _quantized_module(graph_module, node) or str(node.target).startswith("quantized.")
+        quantized_value[node] = name not in _DEQUANTIZE and (is_q or any(quantized_value.get(a) for a in inputs))
+        on_quantized = (any(names[a] in _DEQUANTIZE for a in inputs) or any(names[u] in _QUANTIZE for u in node.users)
+                        or _quantized_module(graph_module, node) or any(quantized_value.get(a) for a in inputs))
+        if on_quantized and name not in _QUANTIZE + _DEQUANTIZE:
+            out.update(family for family, targets in FAMILY_TARGETS.items() if name in targets)
+    return frozenset(out)
+
+
+def graph_families(graph_module) -> frozenset:
+    """The op families of :data:`FAMILY_TARGETS` that ``graph_module`` has a node of."""
+    names = {_target_name(graph_module, n) for n in graph_module.graph.nodes}
+    return frozenset(family for family, targets in FAMILY_TARGETS.items() if names & set(targets))
+
+
+def compared_ops(case_ops, graph_module) -> frozenset:
+    """The case's ops less those the converted ``graph_module`` computes in float only: what an
+    example that compared that graph covered."""
+    present, quantized = graph_families(graph_module), quantized_ops(graph_module)
+    return frozenset(op for op in case_ops if op not in present or op in quantized)

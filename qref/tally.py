@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 from collections import Counter
 
-__all__ = ["Tally", "compared", "not_compared"]
+__all__ = ["Tally", "compared", "not_compared", "compared_graph"]
 
 _current: Tally | None = None
 
@@ -30,6 +30,16 @@ def compared() -> None:
     """The current example was compared (its verdict counts)."""
     if _current is not None:
         _current._compared_now = True
+
+
+def compared_graph(case, graph_module) -> None:
+    """The current example compares ``graph_module``, the reference conversion of ``case``: its
+    coverage names only the case's ops that graph quantized (``qref.coverage.compared_ops``)."""
+    if _current is not None and hasattr(graph_module, "graph") and hasattr(case, "spec"):
+        from qref.coverage import compared_ops
+
+        ops = compared_ops(case.spec.ops, graph_module)
+        _current._ops_now = ops if _current._ops_now is None else _current._ops_now | ops
 
 
 def not_compared(cause: str) -> None:
@@ -53,6 +63,7 @@ class Tally:
         self.coverage: Counter = Counter()  # qref.coverage.Combination -> compared examples
         self._compared_now = False
         self._cause_now: str | None = None
+        self._ops_now: frozenset | None = None
         self._on_example = on_example  # called with this tally after each example (live progress)
 
     def counting(self, body):
@@ -63,7 +74,7 @@ class Tally:
         def example(*args, **kwargs):
             global _current
             outer, _current = _current, self
-            self._compared_now, self._cause_now = False, None
+            self._compared_now, self._cause_now, self._ops_now = False, None, None
             try:
                 result = body(*args, **kwargs)
             except BaseException as exc:
@@ -83,7 +94,7 @@ class Tally:
         if self._compared_now or (raised and self._cause_now is None):
             # a failure is a verdict: the example was compared (or the property could not be)
             self.compared += 1
-            self.coverage.update(of_example(arguments))
+            self.coverage.update(of_example(arguments, self._ops_now))
         else:
             self.causes[self._cause_now or (self.REJECTED if rejected else self.SILENT)] += 1
         if self._on_example is not None:

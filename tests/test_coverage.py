@@ -90,6 +90,45 @@ def test_only_compared_examples_add_coverage():
     assert tally.to_json()["coverage"] == [[*combination, 2]]
 
 
+def _x86_reference(model, x):
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    import qref
+    from qref.quantizers import x86_ptq
+
+    prepared = prepare_pt2e(torch.export.export(model.eval(), (x,)).module(), x86_ptq())
+    prepared(x)
+    return qref.convert_pt2e(prepared)
+
+
+def test_an_op_the_quantizer_left_float_is_not_covered():
+    """X86InductorQuantizer quantizes the conv2d, not the transposed conv after it nor the tanh
+    after that (float in, float out): an example comparing that graph covered conv2d only."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1), torch.nn.ConvTranspose2d(2, 2, 1), torch.nn.Tanh())
+    reference = _x86_reference(model, torch.randn(1, 2, 4, 4))
+    ops = frozenset({"conv2d", "conv_transpose", "tanh"})
+    assert coverage.compared_ops(ops, reference) == {"conv2d"}
+    tally = Tally()
+
+    def body(case):
+        from qref import tally as current
+
+        current.compared_graph(case, reference)
+        compared()
+
+    tally.counting(body)(case=_case((Conv(2, 2), Conv(2, 2, transpose=True), Act("tanh"))))
+    assert {c.op for c in tally.coverage} == {"conv2d"}
+
+
+def test_an_op_folded_away_or_fed_by_a_dequantize_stays_covered():
+    """A BatchNorm folded into its conv has no node left (it was compared through the conv); a
+    float op fed by a dequantize sits on a compared quantize point."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1), torch.nn.BatchNorm2d(2), torch.nn.Tanh())
+    reference = _x86_reference(model, torch.randn(1, 2, 4, 4))
+    assert "bn" not in coverage.graph_families(reference)
+    assert coverage.compared_ops(frozenset({"conv2d", "bn"}), reference) == {"conv2d", "bn"}
+
+
 def test_a_failing_example_counts_as_compared_coverage():
     tally = Tally()
 
