@@ -143,6 +143,25 @@ def test_models_tier_reaches_branches_and_depth():
     assert any(isinstance(a, Linear) and isinstance(b, BatchNorm) for s in seen for a, b in s.adjacent())
 
 
+def test_ops_tier_draws_conv3d_within_the_quick_budget_and_shrinks_to_one():
+    """A conv3d (on a volume of sides <= 5, never transposed) in the ops tier, for both flows."""
+    for flow in ("pt2e", "fx"):
+        seen = []
+
+        @settings(max_examples=20, deadline=None, database=None, derandomize=True)
+        @given(model_specs(flow, tier="ops"))
+        def collect(spec):
+            seen.append(spec)
+
+        collect()
+        volumes = [s for s in seen if "conv3d" in s.ops]
+        assert volumes, flow
+        assert all(max(s.input_shape[2:]) <= 5 and not s.layers[0].transpose for s in volumes)
+    spec = find(model_specs(tier="ops"), lambda s: "conv3d" in s.ops, settings=settings(database=None, derandomize=True))
+    (conv,) = spec.layers  # one conv3d of kernel 1 on a 1x1x1 volume (groups as the shrinker leaves them)
+    assert conv.dim == 3 and conv.kernel_size == 1 and spec.input_shape[2:] == (1, 1, 1), spec
+
+
 # derandomize: how far the shrinker gets is a heuristic that varies run to run (a depthwise
 # conv now and then stays depthwise), so these check one repeatable exploration.
 def test_shrinks_to_a_one_layer_transpose_conv():
@@ -442,9 +461,10 @@ def test_setups_refuse_what_they_do_not_do():
         QuantSetup("pt2e", kind="x86", act_dtype="int8")  # X86 activations are uint8
     with pytest.raises(ValueError):
         QuantSetup("fx", kind="default", engine="fbgemm", reduce_range=False)
-    conv1d = ModelSpec((2, 3, 5), (Conv(3, 4, dim=1),))
-    assert not QuantSetup("pt2e", kind="x86").supports(conv1d)
-    assert find(quant_setups("pt2e", model=conv1d), lambda s: True).kind == "qref"
+    for dim, shape in ((1, (2, 3, 5)), (3, (1, 3, 4, 4, 2))):  # the Inductor quantizers annotate conv2d only
+        conv = ModelSpec(shape, (Conv(3, 4, dim=dim),))
+        assert not QuantSetup("pt2e", kind="x86").supports(conv)
+        assert find(quant_setups("pt2e", model=conv), lambda s: True).kind == "qref"
     linear_tanh = ModelSpec((2, 6), (Linear(6, 4), Act("tanh")))  # onednn's LinearTanh fusion
     assert not QuantSetup("fx", kind="default", engine="onednn").supports(linear_tanh)
     assert QuantSetup("fx", kind="default", engine="qnnpack", per_channel=False).supports(linear_tanh)

@@ -168,7 +168,7 @@ class QuantSetup:
         if self.flow == "pt2e":
             if self.kind in ("x86", "arm"):  # the Inductor quantizers annotate conv2d and linear (not matmul)
                 return bool(ops & {"conv2d", "linear"})
-            return bool(ops & {"conv1d", "conv2d", "conv_transpose", "linear"})
+            return bool(ops & {"conv1d", "conv2d", "conv3d", "conv_transpose", "linear"})
         if self.kind in FX_DYNAMIC_KINDS:
             return _fx_dynamic_supports(self, spec)
         if self.engine == "onednn" and "conv_transpose" in ops:
