@@ -447,7 +447,7 @@ def test_qref_setup_choices_reach_the_quantizer():
     assert config.dynamic_linear and config.wide_layers == (0, 2)
     assert (config.wide_dtype, config.wide_qmin, config.wide_qmax) == (torch.int16, -16383, 16383)  # narrow: the most negative unused
     assert eval(repr(setup), {"QuantSetup": QuantSetup}) == setup
-    for wrong in (dict(kind="x86", dynamic=True), dict(kind="qref", act_dtype="int16", int16_layers=(0,)),
+    for wrong in (dict(kind="x86", narrow_range=True), dict(kind="qref", act_dtype="int16", int16_layers=(0,)),
                   dict(kind="qref", per_channel=False, weight_axis="input"), dict(kind="qref", weight_qrange=(-1, 1)),
                   dict(kind="qref", dynamic=True, act_dtype="int16")):
         with pytest.raises(ValueError):
@@ -514,6 +514,29 @@ def test_x86_setups_quantize_their_cases():
         assert _observers(case.prepared()) > 0
 
     check()
+
+
+def test_x86_dynamic_setups_are_drawn_and_quantize_at_run_time():
+    """X86InductorQuantizer's is_dynamic config, PTQ and QAT: its conv and linear inputs get
+    choose_qparams at convert; drawn within a quick budget, repr rebuilds it."""
+    import qref
+    from qref.pt2e.ops import CHOOSE_QPARAMS, is_call
+
+    seen = []
+
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True)
+    @given(quant_setups("pt2e"))
+    def collect(setup):
+        seen.append(setup)
+
+    collect()
+    assert {s.qat for s in seen if s.kind == "x86" and s.dynamic} == {False, True}
+    setup = QuantSetup("pt2e", kind="x86", dynamic=True, observer="histogram")
+    assert eval(repr(setup), {"QuantSetup": QuantSetup}) == setup and "dynamic=True" in setup.to_python()
+    case = find(cases("pt2e", tier="ops", qat=False), lambda c: c.setup.kind == "x86" and c.setup.dynamic,
+                settings=settings(database=None, derandomize=True))
+    converted = qref.convert_pt2e(case.prepared())
+    assert any(is_call(n, CHOOSE_QPARAMS) for n in converted.graph.nodes)
 
 
 def test_reproducer_script_rebuilds_model_and_inputs(tmp_path):
