@@ -704,7 +704,7 @@ def test_converted_matches_qat_model(subject, case):
 # rejected after preparing (QuantSetup draws take no quantizer kind).
 @prop("pt2e", "patterns", qat=True, model=lambda specs: _no_activation_products(specs).filter(
       lambda spec: bool(spec.ops & {"conv2d", "linear"})),
-      where=lambda case: case.setup.kind == "x86",
+      where=lambda case: case.setup.kind == "x86" and _static_activations(case),
       settings=dict(suppress_health_check=[*settings().suppress_health_check, HealthCheck.filter_too_much,
                                            HealthCheck.too_slow]))
 def test_x86_qat_converted_matches_qat_model(subject, case):

@@ -34,15 +34,18 @@ class Combination(NamedTuple):
 AXES = Combination._fields
 
 
-def of_example(arguments: dict, ops: frozenset | None = None) -> list[Combination]:
+def of_example(arguments: dict, ops: frozenset | None = None, case=None) -> list[Combination]:
     """The combinations one compared example covers, from its drawn arguments; a model case's ops
     are ``ops`` where the property said which it compared (:func:`compared_ops`), else all of its
-    model's."""
+    model's.  ``case``: the model case the property compared, for one that drew it in its body
+    (``st.data()``), where the arguments do not hold it."""
     out: list[Combination] = []
     values = list(arguments.values())
     values += [item for v in values if isinstance(v, tuple) for item in v]  # (tensor, qparams) draws
+    if case is not None and not any(_is_model_case(v) for v in values):
+        values.append(case)
     for value in values:
-        if hasattr(value, "spec") and hasattr(getattr(value, "setup", None), "flow"):
+        if _is_model_case(value):
             out.extend(_of_model_case(value, ops))
         elif hasattr(value, "quant_min") and hasattr(value, "dtype") and hasattr(value, "axis"):
             out.append(_of_qparams(value))
@@ -51,9 +54,14 @@ def of_example(arguments: dict, ops: frozenset | None = None) -> list[Combinatio
     return out
 
 
+def _is_model_case(value) -> bool:
+    return hasattr(value, "spec") and hasattr(getattr(value, "setup", None), "flow")
+
+
 # QrefQuantizer's int8 weight ranges other than its default [-127, 127] (QuantSetup.weight_qrange)
 WEIGHT_RANGES = {(-128, 127): "full-range", (-64, 63): "7-bit"}
 DYNAMIC_OPS = ("linear", "attention")  # ops whose linears a dynamic setup quantizes at run time
+X86_DYNAMIC_OPS = ("conv2d", "linear", "attention")  # X86InductorQuantizer's is_dynamic: its convs too
 
 
 def _of_model_case(case, ops: frozenset | None = None) -> list[Combination]:
@@ -69,7 +77,8 @@ def _of_model_case(case, ops: frozenset | None = None) -> list[Combination]:
         WEIGHT_RANGES.get(getattr(setup, "weight_qrange", None), "")) if part)
     dtype = setup.act_dtype + ("+int16" if getattr(setup, "int16_layers", ()) else "")
     dynamic = getattr(setup, "dynamic", False)
-    return [Combination(op, ("dynamic " if dynamic and op in DYNAMIC_OPS else "") + scheme, dtype, observer,
+    dynamic_ops = X86_DYNAMIC_OPS if setup.kind == "x86" else DYNAMIC_OPS
+    return [Combination(op, ("dynamic " if dynamic and op in dynamic_ops else "") + scheme, dtype, observer,
                         weights if op in WEIGHTED_OPS else NO_WEIGHTS, stage, quantizer)
             for op in sorted(case.spec.ops if ops is None else ops)]
 

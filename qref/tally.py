@@ -40,6 +40,7 @@ def compared_graph(case, graph_module) -> None:
 
         ops = compared_ops(case.spec.ops, graph_module)
         _current._ops_now = ops if _current._ops_now is None else _current._ops_now | ops
+        _current._case_now = case
 
 
 def not_compared(cause: str) -> None:
@@ -64,6 +65,7 @@ class Tally:
         self._compared_now = False
         self._cause_now: str | None = None
         self._ops_now: frozenset | None = None
+        self._case_now = None  # the case compared_graph saw (a property that drew it from st.data())
         self._on_example = on_example  # called with this tally after each example (live progress)
 
     def counting(self, body):
@@ -74,7 +76,7 @@ class Tally:
         def example(*args, **kwargs):
             global _current
             outer, _current = _current, self
-            self._compared_now, self._cause_now, self._ops_now = False, None, None
+            self._compared_now, self._cause_now, self._ops_now, self._case_now = False, None, None, None
             try:
                 result = body(*args, **kwargs)
             except BaseException as exc:
@@ -94,7 +96,7 @@ class Tally:
         if self._compared_now or (raised and self._cause_now is None):
             # a failure is a verdict: the example was compared (or the property could not be)
             self.compared += 1
-            self.coverage.update(of_example(arguments, self._ops_now))
+            self.coverage.update(of_example(arguments, self._ops_now, self._case_now))
         else:
             self.causes[self._cause_now or (self.REJECTED if rejected else self.SILENT)] += 1
         if self._on_example is not None:

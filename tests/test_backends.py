@@ -87,6 +87,26 @@ def test_inductor_takes_x86_inductor_quantizer_setups():
     inductor = resolve("inductor")
     assert inductor.accepts(QuantSetup("pt2e", kind="x86"))
     assert not inductor.accepts(QuantSetup("pt2e", kind="qref"))
+    assert not inductor.accepts(QuantSetup("pt2e", kind="x86", dynamic=True))  # see the next test
+
+
+@pytest.mark.parametrize("producer", ["mean", "max_pool2d"])
+def test_inductor_computes_choose_qparams_wrong_after_a_reduction(producer):
+    """Why inductor's scope leaves out the dynamic X86 setups: torch 2.13's inductor, on CPU,
+    returns another scale for choose_qparams than eager does where the range comes from a mean or
+    a pooling (docs/findings.md).  The day this fails, the scope can take dynamic setups."""
+    import torch.nn.functional as F
+
+    reduce = {"mean": lambda x: x.mean((2, 3)), "max_pool2d": lambda x: F.max_pool2d(x, 2)}[producer]
+
+    def qparams(x):
+        return torch.ops.quantized_decomposed.choose_qparams.tensor(reduce(x), 0, 255, 2.0**-23, torch.uint8)
+
+    x = torch.rand(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 0.5
+    torch._dynamo.reset()
+    eager, compiled = qparams(x)[0], torch.compile(qparams)(x)[0]
+    assert eager == reduce(x).amax() / 255  # eager is right: the range [0, max] over 255 steps
+    assert compiled != eager, "inductor's choose_qparams now agrees with eager: let inductor.SCOPE take dynamic setups"
 
 
 def _row(report: dict, name: str) -> dict:
@@ -110,7 +130,10 @@ def test_a_correct_converter_lowered_by_inductor_passes(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(BACKEND_MUTANTS))
 def test_a_broken_lowering_fails_the_backend_property(name, tmp_path):
-    status, report, output = check("torchao-pt2e", "pt2e", tmp_path, "-x", "-k", "backend_contract",
+    # the default profile's budget, stopped at the first failure: a broken lowering shows only on
+    # the models it touches (a per-channel weight of several channels, a requantization), and at
+    # seed 0 the quick budget's 24 examples drew none that shows the dropped per-channel scale
+    status, report, output = check("torchao-pt2e", "pt2e", tmp_path, "-x", "-k", "backend_contract", profile="default",
                                    options=("--backend", f"tests.mutants.backends:{name}"), shrink=False)
     assert status == 1, output
     assert _failed(report) == [f"properties/test_backends.py::test_lowered_within_backend_contract[tests.mutants.backends:{name}]"], output
@@ -128,12 +151,12 @@ def test_paired_linear_saturates_each_pair_of_products_in_int16():
     assert paired_linear(below, w, None, 0.5, 0, torch.tensor([1.0])).item() == 128 * 127 * 3 * 0.5
 
 
-def _x86_converted(model, x):
+def _x86_converted(model, x, dynamic=False):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from qref.quantizers import x86_ptq
 
-    prepared = prepare_pt2e(torch.export.export(model.eval(), (x,)).module(), x86_ptq(per_channel=True))
+    prepared = prepare_pt2e(torch.export.export(model.eval(), (x,)).module(), x86_ptq(per_channel=True, dynamic=dynamic))
     prepared(x)
     return qref.convert_pt2e(prepared), convert_pt2e(prepared)
 
@@ -144,6 +167,8 @@ def _x86_converted(model, x):
     (lambda: torch.nn.Conv2d(8, 8, 3, groups=2, padding=1), (1, 8, 7, 7), True),
     (lambda: torch.nn.Conv2d(8, 4, 1, groups=2), (1, 8, 7, 7), False),  # a grouped 1x1: exact
     (lambda: torch.nn.Conv2d(4, 4, 3, groups=4), (1, 4, 7, 7), False),  # depthwise: exact
+    (lambda: torch.nn.Linear(14, 9), (2, 14), "dynamic"),  # its input quantized at run time: pairs too
+    (lambda: torch.nn.Conv2d(5, 3, 2), (1, 5, 7, 7), "dynamic"),  # left to a float conv: exact, no form
 ])
 def test_inductor_kernels_follow_the_int16_pair_form_on_a_cpu_without_vnni(model, shape, pairs):
     """inductor's onednn kernels on uint8 inputs above 127: exact on a VNNI CPU; on one without,
@@ -154,11 +179,15 @@ def test_inductor_kernels_follow_the_int16_pair_form_on_a_cpu_without_vnni(model
 
     torch.manual_seed(0)
     x = torch.rand(*shape) * 2 - 0.3  # wide: uint8 values up to 255, a non-zero zero point
-    reference, converted = _x86_converted(model(), x)
+    dynamic = pairs == "dynamic"
+    reference, converted = _x86_converted(model(), x, dynamic)
     got = resolve("inductor").lower(converted, (x,))(x)
     exact = (got - reference(x)).abs().max().item()
     if has_vnni():
         assert exact < 1e-5
         return
+    if dynamic and isinstance(model(), torch.nn.Conv2d):
+        assert exact < 1e-5 and not forms(reference)
+        return
     assert min((got - form(x)).abs().max().item() for form in forms(reference)) < 1e-5
-    assert (exact > 1e-2) == pairs, exact
+    assert (exact > 1e-2) == bool(pairs), exact

@@ -120,6 +120,32 @@ def test_an_op_the_quantizer_left_float_is_not_covered():
     assert {c.op for c in tally.coverage} == {"conv2d"}
 
 
+def test_a_case_drawn_in_the_property_body_is_covered_through_its_reference():
+    """A property that draws its case from st.data() has no case among its arguments: the case
+    its reference conversion was made of is read instead, once."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1), torch.nn.Tanh())
+    reference = _x86_reference(model, torch.randn(1, 2, 4, 4))
+    case = _case((Conv(2, 2), Act("tanh")))
+    tally = Tally()
+
+    def drawn_in_body(data):  # data stands for st.data(): the case is drawn from it, not passed
+        from qref import tally as current
+
+        current.compared_graph(case, reference)
+        compared()
+
+    def drawn_as_argument(case):
+        from qref import tally as current
+
+        current.compared_graph(case, reference)
+        compared()
+
+    tally.counting(drawn_in_body)(data=object())
+    assert {c.op: n for c, n in tally.coverage.items()} == {"conv2d": 1}
+    tally.counting(drawn_as_argument)(case=case)  # counted once, not once more for compared_graph
+    assert {c.op: n for c, n in tally.coverage.items()} == {"conv2d": 2}
+
+
 def test_an_op_folded_away_or_fed_by_a_dequantize_stays_covered():
     """A BatchNorm folded into its conv has no node left (it was compared through the conv); a
     float op fed by a dequantize sits on a compared quantize point."""

@@ -143,6 +143,25 @@ def test_models_tier_reaches_branches_and_depth():
     assert any(isinstance(a, Linear) and isinstance(b, BatchNorm) for s in seen for a, b in s.adjacent())
 
 
+def test_ops_tier_draws_conv3d_within_the_quick_budget_and_shrinks_to_one():
+    """A conv3d (on a volume of sides <= 5, never transposed) in the ops tier, for both flows."""
+    for flow in ("pt2e", "fx"):
+        seen = []
+
+        @settings(max_examples=20, deadline=None, database=None, derandomize=True)
+        @given(model_specs(flow, tier="ops"))
+        def collect(spec):
+            seen.append(spec)
+
+        collect()
+        volumes = [s for s in seen if "conv3d" in s.ops]
+        assert volumes, flow
+        assert all(max(s.input_shape[2:]) <= 5 and not s.layers[0].transpose for s in volumes)
+    spec = find(model_specs(tier="ops"), lambda s: "conv3d" in s.ops, settings=settings(database=None, derandomize=True))
+    (conv,) = spec.layers  # one conv3d of kernel 1 on a 1x1x1 volume (groups as the shrinker leaves them)
+    assert conv.dim == 3 and conv.kernel_size == 1 and spec.input_shape[2:] == (1, 1, 1), spec
+
+
 # derandomize: how far the shrinker gets is a heuristic that varies run to run (a depthwise
 # conv now and then stays depthwise), so these check one repeatable exploration.
 def test_shrinks_to_a_one_layer_transpose_conv():
@@ -428,7 +447,7 @@ def test_qref_setup_choices_reach_the_quantizer():
     assert config.dynamic_linear and config.wide_layers == (0, 2)
     assert (config.wide_dtype, config.wide_qmin, config.wide_qmax) == (torch.int16, -16383, 16383)  # narrow: the most negative unused
     assert eval(repr(setup), {"QuantSetup": QuantSetup}) == setup
-    for wrong in (dict(kind="x86", dynamic=True), dict(kind="qref", act_dtype="int16", int16_layers=(0,)),
+    for wrong in (dict(kind="x86", narrow_range=True), dict(kind="qref", act_dtype="int16", int16_layers=(0,)),
                   dict(kind="qref", per_channel=False, weight_axis="input"), dict(kind="qref", weight_qrange=(-1, 1)),
                   dict(kind="qref", dynamic=True, act_dtype="int16")):
         with pytest.raises(ValueError):
@@ -442,9 +461,10 @@ def test_setups_refuse_what_they_do_not_do():
         QuantSetup("pt2e", kind="x86", act_dtype="int8")  # X86 activations are uint8
     with pytest.raises(ValueError):
         QuantSetup("fx", kind="default", engine="fbgemm", reduce_range=False)
-    conv1d = ModelSpec((2, 3, 5), (Conv(3, 4, dim=1),))
-    assert not QuantSetup("pt2e", kind="x86").supports(conv1d)
-    assert find(quant_setups("pt2e", model=conv1d), lambda s: True).kind == "qref"
+    for dim, shape in ((1, (2, 3, 5)), (3, (1, 3, 4, 4, 2))):  # the Inductor quantizers annotate conv2d only
+        conv = ModelSpec(shape, (Conv(3, 4, dim=dim),))
+        assert not QuantSetup("pt2e", kind="x86").supports(conv)
+        assert find(quant_setups("pt2e", model=conv), lambda s: True).kind == "qref"
     linear_tanh = ModelSpec((2, 6), (Linear(6, 4), Act("tanh")))  # onednn's LinearTanh fusion
     assert not QuantSetup("fx", kind="default", engine="onednn").supports(linear_tanh)
     assert QuantSetup("fx", kind="default", engine="qnnpack", per_channel=False).supports(linear_tanh)
@@ -494,6 +514,29 @@ def test_x86_setups_quantize_their_cases():
         assert _observers(case.prepared()) > 0
 
     check()
+
+
+def test_x86_dynamic_setups_are_drawn_and_quantize_at_run_time():
+    """X86InductorQuantizer's is_dynamic config, PTQ and QAT: its conv and linear inputs get
+    choose_qparams at convert; drawn within a quick budget, repr rebuilds it."""
+    import qref
+    from qref.pt2e.ops import CHOOSE_QPARAMS, is_call
+
+    seen = []
+
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True)
+    @given(quant_setups("pt2e"))
+    def collect(setup):
+        seen.append(setup)
+
+    collect()
+    assert {s.qat for s in seen if s.kind == "x86" and s.dynamic} == {False, True}
+    setup = QuantSetup("pt2e", kind="x86", dynamic=True, observer="histogram")
+    assert eval(repr(setup), {"QuantSetup": QuantSetup}) == setup and "dynamic=True" in setup.to_python()
+    case = find(cases("pt2e", tier="ops", qat=False), lambda c: c.setup.kind == "x86" and c.setup.dynamic,
+                settings=settings(database=None, derandomize=True))
+    converted = qref.convert_pt2e(case.prepared())
+    assert any(is_call(n, CHOOSE_QPARAMS) for n in converted.graph.nodes)
 
 
 def test_reproducer_script_rebuilds_model_and_inputs(tmp_path):

@@ -184,6 +184,12 @@ def check_rank3_linear_input_float(w: Pt2eWitness):
     assert w.same_elsewhere("linear")  # a Linear on a 2-D input keeps its quantize
 
 
+def check_conv3d_input_float(w: Pt2eWitness):
+    assert len(activation_quantizes(w.theirs)) < len(activation_quantizes(w.ours))
+    assert w.outputs_differ()
+    assert w.same_elsewhere("conv_bn_relu")  # conv2d keeps its quantize
+
+
 def check_large_tensor_tail(w: Pt2eWitness):
     assert w.outputs_differ([inputs(w.model_name, 0)])  # one batch: the witness is the big model
     assert w.same_elsewhere("conv_bn_relu")  # no activation there has more than 4096 elements
@@ -588,6 +594,7 @@ PLANTED = {
     "uint8_stored_signed": check_uint8_stored_signed,
     "weight_scales_collapsed": check_weight_scales_collapsed,
     "rank3_linear_input_float": check_rank3_linear_input_float,
+    "conv3d_input_float": check_conv3d_input_float,
     "nondeterministic_scale": check_nondeterministic_scale,
     "per_channel_scales_reversed": check_per_channel_scales_reversed,
     "per_channel_collapsed": check_per_channel_collapsed,

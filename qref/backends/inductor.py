@@ -24,7 +24,10 @@ FLOAT_CAUSE = ("float ops the quantizer left float run in inductor's fused C++ l
 SCOPE = ("X86InductorQuantizer setups only: torchao 0.18's x86 inductor passes lower its scheme (uint8 "
          "activations, int8 weights) and fail on others instead of leaving them unfused: int16 activations "
          "(an assertion), int8 activations into a conv1d (packed_weights_conv1d refuses int8 inputs), a "
-         "uint8 conv1d with padding beside a cat (a wrong output width); pinned in tests/test_backends.py")
+         "uint8 conv1d with padding beside a cat (a wrong output width); pinned in tests/test_backends.py. "
+         "Static ones only: torch 2.13's inductor computes choose_qparams wrong where its input comes from "
+         "a reduction or pooling (mean, sum, softmax, max_pool2d: a scale of 0.0014 for eager's 0.0027), "
+         "so the dynamic X86 setups are not lowered (docs/findings.md, pinned in tests/test_backends.py)")
 
 
 KERNEL_FORMS = (KernelForm("int16 pair saturation", int16_pairs.CAUSE, lambda: not has_vnni(), int16_pairs.forms),)
@@ -32,7 +35,7 @@ KERNEL_FORMS = (KernelForm("int16 pair saturation", int16_pairs.CAUSE, lambda: n
 
 def accepts(setup) -> bool:
     """Whether inductor's x86 passes are meant for ``setup``'s scheme (see SCOPE)."""
-    return setup.flow == "pt2e" and setup.kind == "x86"
+    return setup.flow == "pt2e" and setup.kind == "x86" and not setup.dynamic
 
 
 def lower(converted: torch.fx.GraphModule, example_args: tuple):

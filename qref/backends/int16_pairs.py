@@ -4,9 +4,10 @@ int16 they saturate before the int32 sum.  inductor lowers a pt2e x86 model to t
 so on such a CPU its outputs follow this form, not the exact one.
 
 Measured on an AVX2 CPU without VNNI (pinned in tests/test_backends.py): a Linear pairs adjacent
-input features; a dense conv2d pairs adjacent input channels at each kernel tap (the channels
-padded to even); a depthwise conv does not pair; a grouped conv pairs or not by kernel shape, so
-both forms are offered for it.  Only elements whose pairs really leave int16 take the paired
+input features, its input quantized statically or at run time; a dense conv2d pairs adjacent
+input channels at each kernel tap (the channels padded to even); a depthwise conv does not pair;
+a grouped conv pairs or not by kernel shape, so both forms are offered for it; a conv whose input
+is quantized at run time is left to a float conv, exact.  Only elements whose pairs really leave int16 take the paired
 value: everywhere else the form is the reference itself.
 """
 
@@ -98,6 +99,8 @@ def _quantized_operands(gm: torch.fx.GraphModule, node):
     x, w = node.args[0], node.args[1]
     if not (is_call(x, DEQUANTIZE) and is_call(w, DEQUANTIZE)) or "per_tensor" not in str(x.target):
         return None
+    if is_call(node, (_CONV2D,)) and isinstance(schema_arguments(x)["scale"], torch.fx.Node):
+        return None  # a dynamically quantized conv: inductor leaves it to a float conv (exact)
     xa, wa = schema_arguments(x), schema_arguments(w)
     if xa["dtype"] != torch.uint8 or wa["dtype"] != torch.int8:
         return None

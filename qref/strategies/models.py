@@ -1,8 +1,8 @@
 """Small networks as data: :class:`ModelSpec` and the Hypothesis strategies that draw them.
 
 A spec is a frozen dataclass tree: an input shape, a tuple of layers and a seed.  Layers are
-``Conv`` (1d/2d, transposed, grouped/depthwise), ``BatchNorm`` (affine or not), ``Linear`` (on
-the last dim of a 2-D to 4-D input), ``Act`` (relu / relu6 / hardtanh, sigmoid / tanh /
+``Conv`` (1d/2d, transposed, grouped/depthwise; 3d in the ops tier), ``BatchNorm`` (affine or
+not), ``Linear`` (on the last dim of a 2-D to 4-D input), ``Act`` (relu / relu6 / hardtanh, sigmoid / tanh /
 hardsigmoid whose outputs have fixed qparams, gelu / silu), ``Pool`` (max / avg), ``Flatten``,
 ``Residual`` (``x + body(x)``), ``Cat`` (two branches concatenated along channels), ``MatMul``
 (two branches multiplied as matrices), and the transformer pieces ``LayerNorm``, ``Softmax`` and
@@ -190,7 +190,7 @@ class Conv(Layer):
 
     @classmethod
     def ops_drawn(cls) -> tuple:
-        return ("conv1d", "conv2d", "conv_transpose")
+        return ("conv1d", "conv2d", "conv3d", "conv_transpose")
 
     def output_side(self, n: int) -> int:
         """One spatial side of the output, from that side of the input."""
@@ -628,7 +628,7 @@ def init_parameters(model, seed):
 
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)):
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)):
                 fan_in = module.weight[0].numel()
                 bound = 1.0 / math.sqrt(fan_in)
                 module.weight.copy_(uniform(module.weight.shape, bound))
@@ -1144,9 +1144,10 @@ def _ops_spec(draw, ctx: _Ctx, kinds, fixed_qparams: bool = False) -> ModelSpec:
     allowed = [k for k in ("conv", "linear") if kinds is None or k in kinds or
                (k == "linear" and "linear_act" in kinds)] or ["conv", "linear"]
     kind = draw(st.sampled_from(allowed), label="op")
-    if kind == "conv":
-        shape = draw(_input_shape(rank=draw(st.sampled_from([2, 1]), label="conv dim")), label="input shape")
-        layers = [draw(_conv(shape, ctx), label="conv")]
+    if kind == "conv":  # a conv3d on a small volume (no transposed one: no quantizer annotates it)
+        rank = draw(st.sampled_from([2, 1, 3]), label="conv dim")
+        shape = draw(_input_shape(rank=rank, max_side=5 if rank == 3 else 10), label="input shape")
+        layers = [draw(_conv(shape, ctx, transpose=False if rank == 3 else None), label="conv")]
     else:
         shape = draw(_input_shape(rank=0), label="input shape")
         layers = [Linear(shape[1], draw(st.integers(1, 16), label="out_features"),
@@ -1225,8 +1226,8 @@ def model_specs(flow: str = "pt2e", tier: str = "models", qat: bool = False, kin
                 max_blocks: int = 5) -> st.SearchStrategy[ModelSpec]:
     """Specs of small networks every ``flow`` can export/trace and ``qat`` can train.
 
-    * ``"ops"``: one conv (1d/2d, maybe transposed/grouped/depthwise) or linear, maybe + an
-      activation (relu ... sigmoid/tanh, whose fixed-qparams kernels count as ops too).
+    * ``"ops"``: one conv (1d/2d, maybe transposed/grouped/depthwise; or 3d on a volume of sides
+      <= 5) or linear, maybe + an activation (relu ... sigmoid/tanh, whose fixed-qparams kernels count as ops too).
     * ``"patterns"``: one pattern of ``kinds`` (default all of :data:`PATTERN_KINDS` but
       ``conv``): conv-bn(-act), linear(-act), linear-bn(-act), residual add (-act), cat of two
       branches, matmul of two branches (-act), conv then pool, conv then flatten-linear.

@@ -86,7 +86,7 @@ class QuantSetup:
     narrow_range: bool = False
     weight_qrange: tuple | None = None  # int8 weights: None is [-127, 127]; (-128, 127), (-64, 63)
     weight_axis: str = "output"  # per-channel weights: "output" channels, or "input" channels
-    dynamic: bool = False  # Linear inputs quantized at run time (choose_qparams), outputs float
+    dynamic: bool = False  # Linear (x86: and conv) inputs quantized at run time (choose_qparams), outputs float
     int16_layers: tuple = ()  # conv/linear ops (graph order) with int16 activations, others act_dtype
 
     def __post_init__(self) -> None:
@@ -108,6 +108,8 @@ class QuantSetup:
     def _check_qref_fields(self) -> None:
         """The fields only the pt2e "qref" setups draw: their defaults elsewhere, legal values there."""
         drawn = {f: getattr(self, f) for f, default in _QREF_ONLY.items() if getattr(self, f) != default}
+        if (self.flow, self.kind) == ("pt2e", "x86"):
+            drawn.pop("dynamic", None)  # X86InductorQuantizer's is_dynamic config
         if drawn and (self.flow, self.kind) != ("pt2e", "qref"):
             raise ValueError(f"{self.flow}/{self.kind} setup fixes {dict((f, _QREF_ONLY[f]) for f in drawn)}")
         if self.weight_qrange not in WEIGHT_QRANGES:
@@ -135,8 +137,9 @@ class QuantSetup:
         """Fields the flow/quantizer/engine decide (they must have these values)."""
         if self.flow == "pt2e":
             if self.kind == "x86":
+                x86_only = {k: v for k, v in _QREF_ONLY.items() if k != "dynamic"}  # its is_dynamic config
                 return dict(engine=None, act_dtype="uint8", symmetric=False, reduce_range=False,
-                            observer="moving_average" if self.qat else "histogram", **_QREF_ONLY)
+                            observer="moving_average" if self.qat else "histogram", **x86_only)
             if self.kind == "arm":  # int8 affine activations, per-tensor symmetric weights
                 return dict(engine=None, act_dtype="int8", symmetric=False, reduce_range=False, per_channel=False,
                             observer="moving_average" if self.qat else "histogram", **_QREF_ONLY)
@@ -168,7 +171,7 @@ class QuantSetup:
         if self.flow == "pt2e":
             if self.kind in ("x86", "arm"):  # the Inductor quantizers annotate conv2d and linear (not matmul)
                 return bool(ops & {"conv2d", "linear"})
-            return bool(ops & {"conv1d", "conv2d", "conv_transpose", "linear"})
+            return bool(ops & {"conv1d", "conv2d", "conv3d", "conv_transpose", "linear"})
         if self.kind in FX_DYNAMIC_KINDS:
             return _fx_dynamic_supports(self, spec)
         if self.engine == "onednn" and "conv_transpose" in ops:
@@ -210,7 +213,8 @@ class QuantSetup:
         if self.flow == "pt2e" and self.kind == "arm":
             return f"pt2e arm {'QAT' if self.qat else 'PTQ'} per-tensor"
         if self.flow == "pt2e" and self.kind == "x86":
-            return f"pt2e x86 {'QAT' if self.qat else 'PTQ'} {'per-channel' if self.per_channel else 'per-tensor'}"
+            return (f"pt2e x86 {'QAT' if self.qat else 'PTQ'} {'per-channel' if self.per_channel else 'per-tensor'}"
+                    + (" dynamic" if self.dynamic else ""))
         parts = [self.flow, self.kind, self.engine or "", "QAT" if self.qat else "PTQ",
                  "per-channel" if self.per_channel else "per-tensor",
                  "input-channel axis" if self.weight_axis == "input" else "",
@@ -237,8 +241,9 @@ class QuantSetup:
                     f"    get_default_arm_inductor_quantization_config(is_qat={self.qat}))\n")
         if self.kind == "x86":
             fn = "x86_qat" if self.qat else "x86_ptq"
+            dynamic = ", dynamic=True" if self.dynamic else ""
             return (f"from qref.quantizers import {fn}\n\n"
-                    f"quantizer = {fn}(per_channel={self.per_channel})\n")
+                    f"quantizer = {fn}(per_channel={self.per_channel}{dynamic})\n")
         act_obs = {"minmax": "MinMaxObserver", "histogram": "HistogramObserver",
                    "moving_average": "MovingAverageMinMaxObserver"}[self.observer]
         w_obs = ("MovingAverage" if self.qat else "") + ("PerChannelMinMaxObserver" if self.per_channel else "MinMaxObserver")
@@ -372,7 +377,10 @@ def quant_setups(draw, flow: str, qat: bool | None = None, engine: str | None = 
         if kind == "qref" and per_channels == [False, True]:
             per_channels = [False, True, True]  # qref's per-channel weights also draw their axis
         per_channel = draw(st.sampled_from(per_channels), label="per_channel")
-        if kind in ("x86", "arm"):
+        if kind == "x86":  # its is_dynamic config: conv and linear inputs quantized at run time
+            dynamic = draw(st.booleans(), label="x86 dynamic")
+            return QuantSetup("pt2e", qat, kind, per_channel, dynamic=dynamic, **_fixed_pt2e(kind, qat))
+        if kind == "arm":
             return QuantSetup("pt2e", qat, kind, per_channel, **_fixed_pt2e(kind, qat))
         return draw(_qref_setups(qat, per_channel, observers, model))
     if flow != "fx":

@@ -78,6 +78,10 @@ _ALL = [
           "a Linear on a 3-D/4-D input reads its float input (the q/dq matcher knows 2-D linears "
           "only); shows only on transformer-shaped inputs",
           ("attention", "qref_int8_sym", False)),
+    _pt2e("conv3d_input_float", "conv3d",
+          "a conv3d reads its float input (the q/dq matcher knows conv1d and conv2d only); shows "
+          "only on volumes",
+          ("conv3d_relu", "qref_int8_sym", False)),
     _pt2e("nondeterministic_scale", "nondeterminism",
           "every second call nudges one activation scale by 2**-6 (qparams picked by "
           "set-iteration order / unstable tie-breaking)",

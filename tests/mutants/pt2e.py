@@ -135,6 +135,19 @@ def rank3_linear_input_float(model, use_reference_representation=False, fold_qua
     return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
 
 
+def conv3d_input_float(model, use_reference_representation=False, fold_quantize=True):
+    """A conv3d reads its float input (the q/dq matcher knows conv1d and conv2d only)."""
+
+    def edit(gm):
+        for node in list(gm.graph.nodes):
+            if is_call(node, (torch.ops.aten.conv3d.default,)):
+                dq = node.args[0]
+                if is_call(dq, DEQUANTIZE) and is_call(dq.args[0], QUANTIZE):
+                    node.replace_input_with(dq, dq.args[0].args[0])
+
+    return convert_and_edit(model, edit, use_reference_representation, fold_quantize)
+
+
 _CALLS = itertools.count()
 
 
