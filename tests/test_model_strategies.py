@@ -157,7 +157,8 @@ def test_ops_tier_draws_conv3d_within_the_quick_budget_and_shrinks_to_one():
         volumes = [s for s in seen if "conv3d" in s.ops]
         assert volumes, flow
         assert all(max(s.input_shape[2:]) <= 5 and not s.layers[0].transpose for s in volumes)
-    spec = find(model_specs(tier="ops"), lambda s: "conv3d" in s.ops, settings=settings(database=None, derandomize=True))
+    spec = find(model_specs(tier="ops"), lambda s: "conv3d" in s.ops,
+                settings=settings(max_examples=200, database=None, derandomize=True))
     (conv,) = spec.layers  # one conv3d of kernel 1 on a 1x1x1 volume (groups as the shrinker leaves them)
     assert conv.dim == 3 and conv.kernel_size == 1 and spec.input_shape[2:] == (1, 1, 1), spec
 
@@ -534,7 +535,7 @@ def test_x86_dynamic_setups_are_drawn_and_quantize_at_run_time():
     setup = QuantSetup("pt2e", kind="x86", dynamic=True, observer="histogram")
     assert eval(repr(setup), {"QuantSetup": QuantSetup}) == setup and "dynamic=True" in setup.to_python()
     case = find(cases("pt2e", tier="ops", qat=False), lambda c: c.setup.kind == "x86" and c.setup.dynamic,
-                settings=settings(database=None, derandomize=True))
+                settings=settings(max_examples=200, database=None, derandomize=True))
     converted = qref.convert_pt2e(case.prepared())
     assert any(is_call(n, CHOOSE_QPARAMS) for n in converted.graph.nodes)
 
