@@ -262,7 +262,7 @@ def quantized_ops(graph_module) -> frozenset:
     out = set()
     for node in graph_module.graph.nodes:
         name = names[node] or ""
-        inputs = [a for a in node.all_input_nodes]
+        inputs = node.all_input_nodes
         is_q = name in _QUANTIZE or _quantized_module(graph_module, node) or str(node.target).startswith("quantized.")
         quantized_value[node] = name not in _DEQUANTIZE and (is_q or any(quantized_value.get(a) for a in inputs))
         on_quantized = (any(names[a] in _DEQUANTIZE for a in inputs) or any(names[u] in _QUANTIZE for u in node.users)

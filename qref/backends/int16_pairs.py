@@ -99,9 +99,9 @@ def _quantized_operands(gm: torch.fx.GraphModule, node):
     x, w = node.args[0], node.args[1]
     if not (is_call(x, DEQUANTIZE) and is_call(w, DEQUANTIZE)) or "per_tensor" not in str(x.target):
         return None
-    if is_call(node, (_CONV2D,)) and isinstance(schema_arguments(x)["scale"], torch.fx.Node):
-        return None  # a dynamically quantized conv: inductor leaves it to a float conv (exact)
     xa, wa = schema_arguments(x), schema_arguments(w)
+    if is_call(node, (_CONV2D,)) and isinstance(xa["scale"], torch.fx.Node):
+        return None  # a dynamically quantized conv: inductor leaves it to a float conv (exact)
     if xa["dtype"] != torch.uint8 or wa["dtype"] != torch.int8:
         return None
     per_channel = "per_channel" in str(w.target)
