@@ -77,8 +77,21 @@ def _kernel_form_judgement(record, lowering, reference, run, case, tolerance):
         if not kernel_form.here():
             continue
         for form in kernel_form.forms(reference):
+            if not _departs(form, reference, case.inputs):
+                continue  # the form computes what the reference does here: it explains nothing
             again = compare_outputs(form, run, case.inputs, tolerance, float_relative=lowering.float_relative)
             if again.ok:
                 record.note(f"{lowering.name}, {kernel_form.name}: {kernel_form.cause}")
                 return again
     return None
+
+
+def _departs(form, reference, batches) -> bool:
+    """Whether ``form`` computes anything other than ``reference`` on ``batches``."""
+    import torch
+
+    def flat(out):
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    return any(not torch.equal(a, b) for args in batches
+               for a, b in zip(flat(form(*args)), flat(reference(*args))))
