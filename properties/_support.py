@@ -29,9 +29,10 @@ PROFILES = {
 _SHARE = {tier: n / PROFILES["default"]["primitives"] for tier, n in PROFILES["default"].items()}
 
 
-def budget(tier: str, **overrides):
-    """``@settings`` for a property of ``tier``: the loaded profile's budget scaled to the tier."""
-    return settings(max_examples=max(2, round(settings().max_examples * _SHARE[tier])), **overrides)
+def budget(tier: str, variants: int = 1, **overrides):
+    """``@settings`` for a property of ``tier``: the loaded profile's budget scaled to the tier,
+    shared by the property's ``variants`` (its parametrizations; each at least 2 examples)."""
+    return settings(max_examples=max(2, round(settings().max_examples * _SHARE[tier] / variants)), **overrides)
 
 
 TIERS = tuple(PROFILES["quick"])  # primitives < ops < patterns < models < architectures (qref.report.TIERS)
@@ -40,7 +41,7 @@ FLOWS = ("pt2e", "fx")
 
 def prop(flow: str | None, tier: str, *strategies, specs: str | None = None, qat: bool | None = None,
          engine: str | None = None, kinds=None, model=None, where=None, settings: dict | None = None,
-         **given):
+         variants: int = 1, **given):
     """Declare a property: ``@prop("pt2e", "ops", fold_quantize=st.booleans())``.
 
     One tier decides the property's ``qref_tier`` marker (the order it runs in and what its
@@ -66,7 +67,8 @@ def prop(flow: str | None, tier: str, *strategies, specs: str | None = None, qat
     its case in its body (its draw depends on a fixture, e.g. a parametrized engine) takes
     ``data=st.data()`` and draws ``subject.cases(engine=engine)``.  Everything else the property
     draws is passed on to ``@given``: keyword strategies (``fold_quantize=st.booleans()``) or,
-    for a property without a case, positional ones.  Other markers (expectations, xfail,
+    for a property without a case, positional ones.  ``variants``: how many parametrizations
+    (``pytest.mark.parametrize``, applied above it) share the tier's budget.  Other markers (expectations, xfail,
     filterwarnings) and ``@example`` stack with it as with ``@given``.
     """
     import inspect
@@ -96,11 +98,11 @@ def prop(flow: str | None, tier: str, *strategies, specs: str | None = None, qat
             raise TypeError(f"{test.__name__}: a property that draws a case needs a flow")
         if not draws_case and not in_body and any(v is not None for v in options.values()):
             raise TypeError(f"{test.__name__}: case options given but the property draws no case")
-        declared = Declared(flow, tier, specs or tier, options) if draws_case or in_body else \
-            Declared(flow, tier, None, {})
+        declared = Declared(flow, tier, specs or tier, options, variants) if draws_case or in_body else \
+            Declared(flow, tier, None, {}, variants)
         drawn = {"case": declared.cases(), **given} if draws_case else given  # case first: its draws come first
         wrapped = _given(*strategies, **drawn)(test)
-        wrapped = budget(tier, **overrides)(wrapped)
+        wrapped = budget(tier, variants, **overrides)(wrapped)
         wrapped = pytest.mark.qref_tier(tier)(wrapped)
         if flow is not None:
             wrapped = pytest.mark.qref_flow(flow)(wrapped)
@@ -114,8 +116,9 @@ class Declared:
     """What :func:`prop` declared: flow, tier, the tier of the models its case draws (None: it
     draws no case) and the case options; ``cases()`` is the property's case strategy."""
 
-    def __init__(self, flow, tier, specs, options):
+    def __init__(self, flow, tier, specs, options, variants=1):
         self.flow, self.tier, self.specs, self.options = flow, tier, specs, dict(options)
+        self.variants = variants
 
     def __repr__(self) -> str:
         return f"Declared(flow={self.flow!r}, tier={self.tier!r}, specs={self.specs!r})"
@@ -129,9 +132,9 @@ class Declared:
 
         if self.specs is None:
             raise TypeError(f"{self!r} draws no case")
-        unknown = set(changes) - {"qat", "engine", "where"}
+        unknown = set(changes) - {"qat", "engine", "kinds", "where"}
         if unknown:
-            raise TypeError(f"a property's case may change only qat, engine, where; not {sorted(unknown)}")
+            raise TypeError(f"a property's case may change only qat, engine, kinds, where; not {sorted(unknown)}")
         o = {**self.options, **changes}
         flow, qat, engine, model, kinds = self.flow, o["qat"], o["engine"], o["model"], o["kinds"]
         if self.specs == "architectures":  # transformers models, not model specs; kinds: families

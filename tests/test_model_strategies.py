@@ -163,6 +163,23 @@ def test_ops_tier_draws_conv3d_within_the_quick_budget_and_shrinks_to_one():
     assert conv.dim == 3 and conv.kernel_size == 1 and spec.input_shape[2:] == (1, 1, 1), spec
 
 
+@pytest.mark.parametrize("op", models_module.OP_KINDS)
+def test_ops_tier_narrowed_to_one_op_kind_draws_only_it(op):
+    """kinds=(op,): the each-op properties' premise (every example of theirs is that kind)."""
+    seen = []
+
+    @settings(max_examples=15, deadline=None, database=None)
+    @given(st.sampled_from(["pt2e", "fx"]).flatmap(lambda flow: model_specs(flow, tier="ops", kinds=(op,))))
+    def collect(spec):
+        seen.append(spec)
+
+    collect()
+    weighted = [l for s in seen for l in s.all_layers() if isinstance(l, (Conv, Linear))]
+    assert len(weighted) == len(seen)
+    kinds = {f"conv{l.dim}d" if isinstance(l, Conv) else "linear" for l in weighted}
+    assert kinds == {op}, (op, kinds)
+
+
 # derandomize: how far the shrinker gets is a heuristic that varies run to run (a depthwise
 # conv now and then stays depthwise), so these check one repeatable exploration.
 def test_shrinks_to_a_one_layer_transpose_conv():

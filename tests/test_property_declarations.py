@@ -39,7 +39,9 @@ for name in sys.argv[1:]:
         given = getattr(handle, "_given_kwargs", None) or {}
         out.append({
             "module": name, "name": attr, "hypothesis": handle is not None,
-            "declared": None if d is None else {"flow": d.flow, "tier": d.tier, "specs": d.specs},
+            "declared": None if d is None else {"flow": d.flow, "tier": d.tier, "specs": d.specs,
+                                                "variants": d.variants},
+            "parametrized": [len(m.args[1]) for m in marks if m.name == "parametrize"],
             "tiers": sorted({m.args[0] for m in marks if m.name == "qref_tier"}),
             "flows": sorted({m.args[0] for m in marks if m.name == "qref_flow"}),
             "max_examples": getattr(getattr(test, "_hypothesis_internal_use_settings", None), "max_examples", None),
@@ -78,9 +80,13 @@ def test_marker_tier_budget_and_case_agree(properties):
         d, where = p["declared"], f"{p['module']}::{p['name']}"
         assert p["tiers"] == [d["tier"]], f"{where}: tier markers {p['tiers']}, declared {d['tier']}"
         assert p["flows"] == ([d["flow"]] if d["flow"] else []), f"{where}: flow markers {p['flows']}"
-        assert p["max_examples"] == PROFILES["default"][d["tier"]], (
+        # variants (parametrizations) share the tier's budget, each at least 2 examples
+        share = max(2, round(PROFILES["default"][d["tier"]] / d["variants"]))
+        assert p["max_examples"] == share, (
             f"{where}: {p['max_examples']} examples on the default profile, its tier {d['tier']} has "
-            f"{PROFILES['default'][d['tier']]}")
+            f"{PROFILES['default'][d['tier']]} for {d['variants']} variant(s)")
+        if d["variants"] > 1:
+            assert d["variants"] in p["parametrized"], f"{where}: {d['variants']} variants, parametrized {p['parametrized']}"
         if d["specs"] is not None:  # it draws a case: of the declared specs, never below its tier
             assert TIERS.index(d["specs"]) >= TIERS.index(d["tier"]), where
             if p["case"] is not None:  # drawn by @given (else in the body, from subject.cases)

@@ -57,7 +57,7 @@ from hypothesis import strategies as st
 __all__ = [
     "Conv", "BatchNorm", "Linear", "Act", "Pool", "Flatten", "Residual", "Cat", "MatMul", "Softmax", "LayerNorm",
     "Attention", "Shared", "ExtraInput", "AlsoOutput", "Embedding", "ModelSpec", "model_specs", "conv_bn_specs",
-    "fixed_qparams_specs", "TIERS", "PATTERN_KINDS", "SEQUENCE_KINDS", "GRAPH_KINDS", "PT2E_ONLY_OPS",
+    "fixed_qparams_specs", "TIERS", "OP_KINDS", "PATTERN_KINDS", "SEQUENCE_KINDS", "GRAPH_KINDS", "PT2E_ONLY_OPS",
 ]
 
 TIERS = ("ops", "patterns", "models")
@@ -70,6 +70,8 @@ SEQUENCE_KINDS = ("linear_seq", "attention")
 # property on the default kinds keeps one input and one output): a second graph input joined
 # later, a second graph output, an embedding lookup on an integer index input
 GRAPH_KINDS = ("two_inputs", "two_outputs", "embedding")
+# the ops the "ops" tier draws, one kind each (``kinds=`` narrows it to them)
+OP_KINDS = ("conv1d", "conv2d", "conv3d", "linear")
 # ops the strategies draw in the pt2e flow only: qref's FX reference lowers none of them yet (a
 # module called twice: torch's convert_fx lowers it to one quantized module with one output
 # scale for both calls; qref's lowering does not lower a shared module)
@@ -1141,11 +1143,13 @@ def _seeds():
 
 @st.composite
 def _ops_spec(draw, ctx: _Ctx, kinds, fixed_qparams: bool = False) -> ModelSpec:
-    allowed = [k for k in ("conv", "linear") if kinds is None or k in kinds or
+    """``kinds``: "conv" (any rank), "conv1d" / "conv2d" / "conv3d" (that rank), "linear"."""
+    ranks = [r for r in (2, 1, 3) if kinds is None or "conv" in kinds or f"conv{r}d" in kinds]
+    allowed = [k for k in ("conv", "linear") if kinds is None or k in kinds or (k == "conv" and ranks) or
                (k == "linear" and "linear_act" in kinds)] or ["conv", "linear"]
     kind = draw(st.sampled_from(allowed), label="op")
     if kind == "conv":  # a conv3d on a small volume (no transposed one: no quantizer annotates it)
-        rank = draw(st.sampled_from([2, 1, 3]), label="conv dim")
+        rank = draw(st.sampled_from(ranks or [2, 1, 3]), label="conv dim")
         shape = draw(_input_shape(rank=rank, max_side=5 if rank == 3 else 10), label="input shape")
         layers = [draw(_conv(shape, ctx, transpose=False if rank == 3 else None), label="conv")]
     else:
