@@ -369,6 +369,25 @@ def test_lowered_module_with_wrong_scale(fbgemm_mlp):
     assert not _keeps_input_grid(reference, "fc2")
 
 
+def test_a_module_left_unlowered_fails_although_its_integers_agree():
+    """A conv3d the candidate leaves a reference module (float, between a dequantize and a
+    quantize) computes the reference's integers: the lowered comparison still names it."""
+    from fixtures.fx_setups import prepared as fx_prepared
+    from tests.mutants.fx import conv3d_not_lowered
+
+    if "fbgemm" not in qref.engines():
+        pytest.skip("fbgemm does not run here")
+    model, _ = fx_prepared("conv3d_relu", "fbgemm")
+    with warnings.catch_warnings(), qref.use_engine("fbgemm", threads=1):
+        warnings.simplefilter("ignore")
+        reference, candidate = qref.convert_fx(copy.deepcopy(model)), conv3d_not_lowered(copy.deepcopy(model))
+        same = compare(reference, qref.convert_fx(copy.deepcopy(model)), in_range("conv3d_relu"))
+        result = compare(reference, candidate, in_range("conv3d_relu"))
+    assert same.ok, same.message()
+    assert not result.ok and result.max_lsb == 0, result.message()
+    assert "not lowered" in result.points[result.first_divergence].mismatch
+
+
 def test_a_tiny_scale_error_fails_even_where_the_integers_agree(fbgemm_mlp):
     """A scale 2**-20 off changes no integer here: the comparison still fails, at that module,
     and says the integers agree and what differs instead (never "diverges" with 0 LSB)."""

@@ -585,6 +585,20 @@ def check_fx_every_graph_input_gets_first_qparams(w: FxWitness):
     assert _same(_run(ours, one_input.batches()), _run(theirs, one_input.batches()))
 
 
+def check_conv3d_not_lowered(w: FxWitness):
+    import torch.ao.nn.quantized as nnq
+    import torch.ao.nn.intrinsic.quantized as nniq
+
+    ours, theirs = w.both()
+    lowered = (nnq.Conv3d, nniq.ConvReLU3d)
+    assert any(isinstance(m, lowered) for m in ours.modules())
+    assert not any(isinstance(m, lowered) for m in theirs.modules())  # left a reference module
+    elsewhere = FxWitness(dataclasses.replace(w.mutant, witness=("conv_bn_relu", "fbgemm", False)))
+    ours, theirs = elsewhere.both()
+    assert [type(m) for m in ours.modules()][1:] == [type(m) for m in theirs.modules()][1:]  # 2-D convs still lowered
+    assert _same(_run(ours, elsewhere.batches()), _run(theirs, elsewhere.batches()))
+
+
 PLANTED = {
     "round_half_away": check_round_half_away,
     "saturation_wraps": check_saturation_wraps,
@@ -630,6 +644,7 @@ PLANTED = {
     "later_outputs_left_float": check_later_outputs_left_float,
     "embedding_zero_points_rounded": check_embedding_zero_points_rounded,
     "fx_every_graph_input_gets_first_qparams": check_fx_every_graph_input_gets_first_qparams,
+    "conv3d_not_lowered": check_conv3d_not_lowered,
 }
 
 

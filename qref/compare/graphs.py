@@ -49,7 +49,7 @@ def compare(
         if other is None:
             missing.append(key)
             continue
-        results[key] = _judge_point(key, point, other, depths[key], tolerance)
+        results[key] = _judge_point(key, point, other, depths[key], tolerance, same_lowering=True)
     extra = tuple(k for k in got.points if k not in ref.points)
     outputs = _compare_outputs(ref, got, tolerance, output_depths)
     return Comparison(tolerance=tolerance, points=results, outputs=outputs, missing=tuple(missing), extra=extra,

@@ -37,6 +37,7 @@ def _judge(
     note: str = "",
     keeps: tuple = (),
     per_batch: list | None = None,
+    got_kind: str | None = None,
 ) -> PointResult:
     """``keeps``: other qparams the reference graph shows the point may legitimately carry (see
     _other_grids); values on them are compared on the reference's grid.  ``per_batch``: (the
@@ -55,6 +56,11 @@ def _judge(
                            note=f"ran {len(got)} times in the candidate, {len(expected)} in the reference",
                            **common)  # fmt: skip
     notes, mismatch = ([note] if note else []), []
+    if kind in ("module", "op") and got_kind == "activation":
+        # the same integers from a float op between a dequantize and a quantize: a reference
+        # module or op the candidate did not lower (real-converter-bugs #11)
+        mismatch.append(f"not lowered: the reference runs a quantized {kind} here, the candidate a float one "
+                        f"between a dequantize and a quantize")
     if expected and expected[0].dtype != got[0].dtype:
         mismatch.append(f"dtype {got[0].dtype} in the candidate, {expected[0].dtype} in the reference")
     differ = qparams_difference(expected_qparams, got_qparams)
@@ -217,13 +223,16 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
-def _judge_point(key: str, ref: _Point, got: _Point, depth: int, tolerance: Tolerance, kind=None, keeps=()):
+def _judge_point(key: str, ref: _Point, got: _Point, depth: int, tolerance: Tolerance, kind=None, keeps=(),
+                 same_lowering: bool = False):
+    """``same_lowering``: both graphs are lowered conversions, so a module or op the reference
+    runs quantized must run quantized in the candidate too."""
     per_batch = None
     if ref.grids is not None or got.grids is not None:  # a dynamic quantize: qparams per batch
         per_batch = [(ref.qparams_of(b), got.qparams_of(b)) for b in range(min(len(ref.values), len(got.values)))]
     return _judge(key, kind or ref.kind, ref.node, depth, tolerance, ref.values, got.values,
                   ref.float_inputs, got.float_inputs, expected_qparams=ref.qparams, got_qparams=got.qparams,
-                  keeps=keeps, per_batch=per_batch)  # fmt: skip
+                  keeps=keeps, per_batch=per_batch, got_kind=got.kind if same_lowering else None)  # fmt: skip
 
 
 def _compare_outputs(ref: _Recorder, got: _Recorder, tolerance: Tolerance, depths: list) -> dict:

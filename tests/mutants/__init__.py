@@ -222,6 +222,10 @@ _ALL = [
         "preserved attributes are set on the converted model but not recorded in its "
         "meta['_user_preserved_attributes'], so a deepcopy of the converted model loses them",
         ("linear", "fbgemm", False), "test_fx_convert_custom_config_honoured"),
+    _fx("conv3d_not_lowered", "fx-module-not-lowered",
+        "Conv3d and ConvReLU3d stay reference modules (float conv3d between a dequantize and a quantize): "
+        "a lowering table that knows 1-D and 2-D convs only; shows only on volumes",
+        ("conv3d_relu", "fbgemm", False), EQUIVALENCE),
     Mutant("fx_every_graph_input_gets_first_qparams", "fx", "tests.mutants.fx:every_graph_input_gets_first_qparams",
            "fx-multi-graph-input-qparams",
            "every graph input of the lowered model is quantized with the first graph input's scale and zero "

@@ -258,3 +258,17 @@ def weighted_output_keeps_input_qparams(model, convert_custom_config=None, _remo
     for module, (scale, zero_point) in changes:  # each its input's qparams as qref lowered them
         module.scale, module.zero_point = scale, zero_point
     return converted
+
+
+def conv3d_not_lowered(model, convert_custom_config=None, _remove_qconfig=True, qconfig_mapping=None,
+                       backend_config=None):
+    """Conv3d and ConvReLU3d stay reference modules: the lowering table knows 1-D and 2-D convs only."""
+    import torch.ao.nn.quantized.reference as nnqr
+    from unittest import mock
+
+    from qref.fx import lower
+
+    static = {k: v for k, v in lower.STATIC.items() if k is not nnqr.Conv3d}
+    fused = {k: v for k, v in lower.STATIC_FUSED.items() if k is not nni.ConvReLU3d}
+    with mock.patch.object(lower, "STATIC", static), mock.patch.object(lower, "STATIC_FUSED", fused):
+        return qref.convert_fx(model, convert_custom_config, _remove_qconfig, qconfig_mapping, backend_config)
